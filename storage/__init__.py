@@ -1,0 +1,1 @@
+"""The versioned store: layout, manifests, atomic publish, token files. Never imports Prefect."""

@@ -1,0 +1,331 @@
+"""The versioned store (storage contract in DESIGN.md).
+
+    <root>/<stage>/<version>/manifest.json   + the stage's files
+    <root>/<stage>/latest                     the version the newest successful run of the stage made or used
+    <root>/runs/<run_id>.json                 which version of each stage one pipeline run used or made
+
+A version is built in a temporary folder beside its final place and published with one atomic rename, so a
+crash never leaves a half-written version visible. Building one version is serialised across processes by a
+lock file (flock: the kernel releases it when the holder dies).
+"""
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from storage.errors import StoreError, TransientError
+
+VERSION_CHARS = 12
+MANIFEST = "manifest.json"
+RUNS = "runs"
+_HASH_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """What tasks pass between each other: a stage's name and version id, never the data itself."""
+
+    stage: str
+    version: str
+    reused: bool = False  # True when the version was already in the store and nothing was computed
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def version_id(
+    stage: str,
+    code_version: str,
+    params: dict[str, Any],
+    inputs: dict[str, str],
+    identity: Any = None,
+) -> str:
+    """Same stage, code, parameters, inputs (and source identity, for download): same version id."""
+    payload = canonical_json(
+        {"stage": stage, "code": code_version, "params": params, "inputs": inputs, "identity": identity}
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:VERSION_CHARS]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old content or the new, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class Store:
+    """A store rooted at one folder; every method is safe to call from several processes."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- layout -------------------------------------------------------------------------------------
+    def stage_dir(self, stage: str) -> Path:
+        if not stage or "/" in stage or stage.startswith(".") or stage == RUNS:
+            raise ValueError(f"invalid stage name {stage!r}")
+        return self.root / stage
+
+    def path(self, stage: str, version: str) -> Path:
+        if not version or "/" in version or version.startswith("."):
+            raise ValueError(f"invalid version id {version!r}")
+        return self.stage_dir(stage) / version
+
+    def work_dir(self, stage: str, version: str) -> Path:
+        """Scratch space that survives a failed attempt (download partials, training checkpoints)."""
+        path = self.stage_dir(stage) / ".work" / version
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def clear_work(self, stage: str, version: str) -> None:
+        shutil.rmtree(self.stage_dir(stage) / ".work" / version, ignore_errors=True)
+
+    # -- reading ------------------------------------------------------------------------------------
+    def has(self, stage: str, version: str) -> bool:
+        return (self.path(stage, version) / MANIFEST).is_file()
+
+    def manifest(self, stage: str, version: str) -> dict[str, Any]:
+        path = self.path(stage, version) / MANIFEST
+        if not path.is_file():
+            raise StoreError(f"{stage}/{version} is not in the store at {self.root}")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def latest(self, stage: str) -> str | None:
+        path = self.stage_dir(stage) / "latest"
+        if not path.is_file():
+            return None
+        version = path.read_text(encoding="utf-8").strip()
+        return version if version and self.has(stage, version) else None
+
+    def require_latest(self, stage: str) -> str:
+        version = self.latest(stage)
+        if version is None:
+            raise StoreError(f"the store at {self.root} has no complete version of stage {stage!r}: run it first")
+        return version
+
+    def set_latest(self, stage: str, version: str) -> None:
+        if not self.has(stage, version):
+            raise StoreError(f"cannot point {stage}/latest at {version}: it is not in the store")
+        atomic_write_text(self.stage_dir(stage) / "latest", version + "\n")
+
+    def stages(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and p.name != RUNS and not p.name.startswith(".")
+        )
+
+    def versions(self, stage: str) -> list[dict[str, Any]]:
+        """Manifests of the stage's complete versions, oldest first."""
+        folder = self.stage_dir(stage)
+        if not folder.is_dir():
+            return []
+        found = [
+            json.loads((p / MANIFEST).read_text(encoding="utf-8"))
+            for p in folder.iterdir()
+            if not p.name.startswith(".") and (p / MANIFEST).is_file()
+        ]
+        return sorted(found, key=lambda m: m["created_at"])
+
+    def find(self, version: str) -> tuple[str, str]:
+        """The (stage, version) whose id is `version` or starts with it."""
+        hits = [
+            (stage, m["version"])
+            for stage in self.stages()
+            for m in self.versions(stage)
+            if m["version"].startswith(version)
+        ]
+        if len(hits) != 1:
+            what = "no version" if not hits else f"{len(hits)} versions"
+            raise StoreError(f"{what} in {self.root} match {version!r}")
+        return hits[0]
+
+    # -- writing ------------------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, stage: str, version: str, timeout: float = 6 * 3600.0) -> Iterator[None]:
+        """Hold the lock that serialises building `stage/version` across processes."""
+        lock_dir = self.stage_dir(stage) / ".locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / f"{version}.lock", "a+") as handle:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TransientError(
+                            f"{stage}/{version} is being built by another run (lock {handle.name})"
+                        ) from None
+                    time.sleep(0.2)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def publish(
+        self,
+        stage: str,
+        version: str,
+        build: Callable[[Path], dict[str, Any] | None],
+        *,
+        params: dict[str, Any],
+        inputs: dict[str, str],
+        code_version: str,
+        prefect: dict[str, Any] | None = None,
+        replace: bool = False,
+    ) -> bool:
+        """Build `stage/version` with `build(tmp_dir) -> metrics` and publish it atomically.
+
+        Returns False, building nothing, when the version is already complete (another run made it while
+        this one waited for the lock) and `replace` is not set. With `replace`, a complete version is
+        swapped for the rebuilt one in two renames under the lock.
+        """
+        for name, input_version in inputs.items():
+            if not self.has(name, input_version):
+                raise StoreError(f"{stage}: input {name}/{input_version} is not in the store at {self.root}")
+        final = self.path(stage, version)
+        with self.lock(stage, version):
+            if self.has(stage, version) and not replace:
+                return False
+            for leftover in final.parent.glob(f".tmp-{version}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)  # from a writer that died: we hold the lock
+            tmp = final.parent / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            try:
+                metrics = build(tmp) or {}
+                manifest = {
+                    "stage": stage,
+                    "version": version,
+                    "created_at": datetime.now(UTC).isoformat(),
+                    "params": params,
+                    "inputs": dict(inputs),
+                    "code_version": code_version,
+                    "files": self._describe_files(tmp),
+                    "metrics": metrics,
+                    "prefect": prefect or {},
+                }
+                atomic_write_json(tmp / MANIFEST, manifest)
+                _fsync_path(tmp)
+                trash = None
+                if final.exists():
+                    trash = final.parent / f".trash-{version}-{uuid.uuid4().hex[:8]}"
+                    os.rename(final, trash)
+                os.rename(tmp, final)
+                _fsync_path(final.parent)
+                if trash is not None:
+                    shutil.rmtree(trash, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self.set_latest(stage, version)
+        return True
+
+    @staticmethod
+    def _describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+        files = {}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            _fsync_path(path)
+            files[path.relative_to(folder).as_posix()] = {
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        return files
+
+    # -- runs ---------------------------------------------------------------------------------------
+    def write_run(self, run_id: str, record: dict[str, Any]) -> Path:
+        path = self.root / RUNS / f"{run_id}.json"
+        atomic_write_json(path, record)
+        return path
+
+    def runs(self) -> list[dict[str, Any]]:
+        folder = self.root / RUNS
+        if not folder.is_dir():
+            return []
+        records = [json.loads(p.read_text(encoding="utf-8")) for p in folder.glob("*.json")]
+        return sorted(records, key=lambda r: r.get("started_at", ""))
+
+    # -- garbage collection ---------------------------------------------------------------------------
+    def gc(self, keep_runs: int = 5, dry_run: bool = False) -> list[str]:
+        """Remove versions that neither a `latest` pointer nor the last `keep_runs` runs reach.
+
+        What a kept version was built from (its lineage) is kept too. Returns "stage/version" of each
+        removed version; leftovers of crashed writers and finished scratch folders go as well.
+        """
+        keep: set[tuple[str, str]] = set()
+        for stage in self.stages():
+            if (version := self.latest(stage)) is not None:
+                keep.add((stage, version))
+        for record in self.runs()[-keep_runs:] if keep_runs > 0 else []:
+            for stage, info in record.get("stages", {}).items():
+                if info.get("version") and self.has(stage, info["version"]):
+                    keep.add((stage, info["version"]))
+        todo = list(keep)
+        while todo:
+            stage, version = todo.pop()
+            for name, input_version in self.manifest(stage, version).get("inputs", {}).items():
+                if (name, input_version) not in keep and self.has(name, input_version):
+                    keep.add((name, input_version))
+                    todo.append((name, input_version))
+        removed = []
+        for stage in self.stages():
+            for manifest in self.versions(stage):
+                if (stage, manifest["version"]) not in keep:
+                    removed.append(f"{stage}/{manifest['version']}")
+                    if not dry_run:
+                        with self.lock(stage, manifest["version"], timeout=5.0):
+                            shutil.rmtree(self.path(stage, manifest["version"]))
+            if not dry_run:
+                for leftover in self.stage_dir(stage).glob(".t*-*"):  # .tmp-* and .trash-*
+                    version = leftover.name.split("-")[1]
+                    try:
+                        with self.lock(stage, version, timeout=0.0):
+                            shutil.rmtree(leftover, ignore_errors=True)
+                    except TransientError:
+                        continue  # a writer is alive: its folder is not a leftover
+        return removed

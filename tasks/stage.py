@@ -1,0 +1,222 @@
+"""What every stage shares: how its version id is derived, how it is built and published, and the one
+thin Prefect task that wraps it (cache key = version id, retries for transient faults only).
+
+A stage module defines a pydantic config, the plain functions that do the work, a `build(ctx, cfg)` that
+writes the stage's files into `ctx.out` and returns its metrics, and then
+
+    STAGE = Stage(name="clean", module=__name__, config=CleanConfig, build=build, inputs=("extract",))
+    clean_task = stage_task(STAGE)
+"""
+
+import errno
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+from pydantic import BaseModel, ConfigDict
+
+from storage.errors import GptflowError, StoreError, TransientError
+from storage.fingerprint import code_fingerprint
+from storage.store import StageRef, Store, version_id
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's parameters. Fields named in RUNTIME_FIELDS (worker counts, progress display)
+    change how a stage runs, not what it produces, and so stay out of its version id."""
+
+    model_config = ConfigDict(extra="forbid")
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
+    def identity_params(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS))
+
+
+@dataclass
+class StageContext:
+    """What a stage's build function sees."""
+
+    store: Store
+    stage: str
+    version: str
+    inputs: dict[str, str]  # input stage -> version id
+    out: Path  # the temporary folder that becomes the version
+    log: logging.Logger | logging.LoggerAdapter
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def input_path(self, stage: str) -> Path:
+        return self.store.path(stage, self.inputs[stage])
+
+    def input_manifest(self, stage: str) -> dict[str, Any]:
+        return self.store.manifest(stage, self.inputs[stage])
+
+    @property
+    def work(self) -> Path:
+        """Scratch that survives a failed attempt of this version (resume state); cleared after publish."""
+        return self.store.work_dir(self.stage, self.version)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str  # the stage module: its import closure is the code fingerprint
+    config: type[StageConfig]
+    build: Callable[[StageContext, Any], dict[str, Any] | None]
+    inputs: tuple[str, ...] = ()
+    # For stages whose output depends on something outside the store (download: the source's identity).
+    identity: Callable[[Any], Any] | None = None
+
+    @property
+    def code_version(self) -> str:
+        return code_fingerprint(self.module)
+
+    def version(self, cfg: StageConfig, inputs: Mapping[str, str], identity: Any = None) -> str:
+        return version_id(self.name, self.code_version, cfg.identity_params(), dict(inputs), identity)
+
+    def input_versions(self, inputs: Mapping[str, StageRef | str]) -> dict[str, str]:
+        missing = set(self.inputs) - set(inputs)
+        extra = set(inputs) - set(self.inputs)
+        if missing or extra:
+            raise ValueError(f"{self.name}: expects inputs {list(self.inputs)}, got {sorted(inputs)}")
+        return {name: ref.version if isinstance(ref, StageRef) else str(ref) for name, ref in inputs.items()}
+
+    def run(
+        self,
+        storage: str | Path,
+        cfg: StageConfig,
+        inputs: Mapping[str, StageRef | str] | None = None,
+        *,
+        force: bool = False,
+        prefect: dict[str, Any] | None = None,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
+    ) -> StageRef:
+        """Build this stage's version for `cfg` and `inputs` unless the store already has it."""
+        if not isinstance(cfg, self.config):
+            cfg = self.config.model_validate(cfg)
+        store = Store(storage)
+        log = log or logging.getLogger(f"gptflow.{self.name}")
+        versions = self.input_versions(inputs or {})
+        identity = self.identity(cfg) if self.identity else None
+        version = self.version(cfg, versions, identity)
+        if store.has(self.name, version) and not force:
+            log.info("%s/%s is already in the store: reused", self.name, version)
+            store.set_latest(self.name, version)
+            return StageRef(self.name, version, reused=True)
+
+        def build(out: Path) -> dict[str, Any]:
+            ctx = StageContext(store, self.name, version, versions, out, log)
+            metrics = self.build(ctx, cfg) or {}
+            return {**ctx.metrics, **metrics}
+
+        log.info("building %s/%s", self.name, version)
+        try:
+            built = store.publish(
+                self.name,
+                version,
+                build,
+                params=cfg.model_dump(mode="json"),
+                inputs=versions,
+                code_version=self.code_version,
+                prefect=prefect,
+                replace=force,
+            )
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreError(f"{self.name}: no space left on the device holding {store.root}") from exc
+            raise
+        store.clear_work(self.name, version)
+        log.info("%s/%s %s", self.name, version, "published" if built else "was published by another run")
+        return StageRef(self.name, version, reused=not built)
+
+
+# -- Prefect ------------------------------------------------------------------------------------------
+
+_TRANSIENT_OS_ERRORS = (ConnectionError, TimeoutError)
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """Retry what may go away by itself; never bad data, bad config, or a programming error."""
+    if isinstance(exc, GptflowError):
+        return isinstance(exc, TransientError)
+    return isinstance(exc, _TRANSIENT_OS_ERRORS)
+
+
+def retry_transient_only(task_: Any, task_run: Any, state: Any) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as error:  # the result itself could not be read: judge by that error
+            exc = error
+    return is_transient(exc if isinstance(exc, BaseException) else None)
+
+
+def result_storage(storage: str | Path) -> Path:
+    """Prefect's result records live inside the store, so that a store and its cache go together."""
+    return Store(storage).root / ".prefect" / "results"
+
+
+def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
+    """The Prefect cache key of a stage run is its version id: cached == already in the store.
+
+    A cached record whose version has since left the store (gc, a deleted folder) must not short-circuit
+    the rebuild, so such a stale record is removed before Prefect looks it up.
+    """
+
+    def key(context: Any, parameters: dict[str, Any]) -> str | None:
+        if parameters.get("force"):
+            return None
+        cfg = parameters["cfg"]
+        if not isinstance(cfg, stage.config):
+            cfg = stage.config.model_validate(cfg)
+        version = stage.version(cfg, stage.input_versions(parameters.get("inputs") or {}))
+        name = f"gptflow-{stage.name}-{version}"
+        if not Store(parameters["storage"]).has(stage.name, version):
+            (result_storage(parameters["storage"]) / name).unlink(missing_ok=True)
+        return name
+
+    return key
+
+
+def stage_task(
+    stage: Stage,
+    *,
+    retries: int = 3,
+    backoff_seconds: float = 5.0,
+    cache: bool = True,
+    timeout_seconds: float | None = None,
+) -> Any:
+    """The one thin Prefect task around `stage.run`.
+
+    `cache=False` is for stages whose output depends on the outside world (download): their body always
+    runs, checks the source's identity, and reuses the stored version when it has not changed.
+    """
+
+    def run(
+        storage: str, cfg: stage.config, inputs: dict[str, StageRef] | None = None, force: bool = False
+    ) -> StageRef:
+        from prefect.runtime import flow_run, task_run
+
+        ids = {"flow_run_id": str(flow_run.id or ""), "task_run_id": str(task_run.id or "")}
+        return stage.run(storage, cfg, inputs or {}, force=force, prefect=ids, log=get_run_logger())
+
+    run.__name__ = run.__qualname__ = stage.name
+    run.__module__ = stage.module
+    options: dict[str, Any] = {
+        "name": stage.name,
+        "retries": retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=backoff_seconds),
+        "retry_jitter_factor": 0.5,
+        "retry_condition_fn": retry_transient_only,
+        "cache_result_in_memory": False,
+        "timeout_seconds": timeout_seconds,
+    }
+    if cache:
+        options.update(cache_key_fn=cache_key(stage), persist_result=True)
+    else:
+        options.update(cache_policy=NO_CACHE)
+    return task(**options)(run)
