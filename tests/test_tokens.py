@@ -1,0 +1,163 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from model.tokenizer import FILENAME, Tokenizer, train_char
+from storage.errors import ConfigError, DataIntegrityError
+from storage.store import Store
+from storage.tokens import open_tokens, read_meta, token_dtype
+from tasks import tokenizer as tokenizer_stage
+from tasks.split import SplitConfig, is_val
+from tasks.tokens import STAGE, TokensConfig
+
+SPLIT = SplitConfig(seed=3, val_fraction=0.3)
+WORDS = ["data", "flows", "through", "a", "pipeline", "into", "tokens", "ünïcode", "東京", "🐍", "and", "back"]
+
+
+def make_docs(n):
+    rng = np.random.default_rng(0)
+    return [(f"doc-{i}", " ".join(rng.choice(WORDS, size=5 + i % 9)) + ".") for i in range(n)]
+
+
+def publish_dedup(root, shards, version="dedup-v1"):
+    def build(out):
+        (out / "docs").mkdir()
+        for i, rows in enumerate(shards):
+            table = pa.table(
+                {"doc_id": [d for d, _ in rows], "text": [t for _, t in rows]},
+                schema=pa.schema([("doc_id", pa.string()), ("text", pa.string())]),
+            )
+            pq.write_table(table, out / "docs" / f"shard-{i:05d}.parquet")
+
+    Store(root).publish("dedup", version, build, params={}, inputs={}, code_version="test")
+    return version
+
+
+def build_tokens(root, shards, kind="bpe", tokens_cfg=None, split=SPLIT):
+    dedup = publish_dedup(root, shards)
+    tok_cfg = tokenizer_stage.TokenizerConfig(kind=kind, vocab_size=300, split=split)
+    tok_ref = tokenizer_stage.STAGE.run(root, tok_cfg, {"dedup": dedup})
+    ref = STAGE.run(root, tokens_cfg or TokensConfig(), {"dedup": dedup, "tokenizer": tok_ref})
+    return Store(root).path("tokens", ref.version), tok_ref
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char"])
+def test_token_files_match_meta_index_and_documents(tmp_path, kind):
+    docs = make_docs(40)
+    folder, tok_ref = build_tokens(
+        tmp_path / "store", [docs[:25], docs[25:]], kind=kind, tokens_cfg=TokensConfig(batch_docs=7)
+    )
+    meta = read_meta(folder)
+    tok = Tokenizer.load(folder / FILENAME)
+    assert (folder / FILENAME).read_bytes() == (
+        Store(tmp_path / "store").path("tokenizer", tok_ref.version) / FILENAME
+    ).read_bytes()
+    assert meta["tokenizer_version"] == tok_ref.version
+    assert meta["tokenizer_kind"] == kind
+    assert meta["dtype"] == "uint16"
+    assert meta["vocab_size"] == tok.vocab_size
+    assert meta["eot_token"] == tok.eot_id
+    assert (meta["split_seed"], meta["val_fraction"]) == (SPLIT.seed, SPLIT.val_fraction)
+
+    val_ids = {d for d, _ in docs if is_val(d, SPLIT.seed, SPLIT.val_fraction)}
+    texts = dict(docs)
+    for split, wanted in (
+        ("train", [d for d, _ in docs if d not in val_ids]),
+        ("val", sorted(val_ids, key=lambda d: int(d[4:]))),
+    ):
+        data = open_tokens(folder, split)
+        assert data.size == meta[f"{split}_tokens"] == (folder / f"{split}.bin").stat().st_size // 2
+        assert meta[f"{split}_docs"] == len(wanted) > 0
+        assert meta[f"{split}_bytes"] == sum(len(texts[d].encode()) for d in wanted)
+        # <|endoftext|> follows every document and nothing else: splitting at it gives the documents back.
+        ends = np.flatnonzero(data == tok.eot_id)
+        assert ends.size == len(wanted) and ends[-1] == data.size - 1
+        pieces = np.split(np.asarray(data), ends[:-1] + 1)
+        assert [tok.decode(p[:-1].tolist()) for p in pieces] == [texts[d] for d in wanted]
+
+    index = pq.read_table(folder / "index.parquet").to_pylist()
+    assert [row["doc_id"] for row in index] == [d for d, _ in docs]  # every document once, in shard order
+    for row in index:
+        assert row["split"] == ("val" if row["doc_id"] in val_ids else "train")
+        data = open_tokens(folder, row["split"])
+        span = data[row["offset"] : row["offset"] + row["n_tokens"]].tolist()
+        assert span == tok.encode(texts[row["doc_id"]])
+        assert data[row["offset"] + row["n_tokens"]] == tok.eot_id
+
+    metrics = Store(tmp_path / "store").manifest("tokens", folder.name)["metrics"]
+    assert metrics == meta
+
+
+def test_uint32_past_65536_ids():
+    assert token_dtype(65_536) == np.uint16  # ids 0..65535 still fit
+    assert token_dtype(65_537) == np.uint32
+    assert token_dtype(50_257) == np.uint16
+
+
+def test_a_vocabulary_past_65536_ids_writes_uint32_tokens(tmp_path):
+    chars = [chr(cp) for cp in range(0x100, 0x20000) if not 0xD800 <= cp <= 0xDFFF][:70_000]
+    ids = [f"doc-{i}" for i in range(200)]
+    train_id = next(d for d in ids if not is_val(d, SPLIT.seed, SPLIT.val_fraction))
+    val_id = next(d for d in ids if is_val(d, SPLIT.seed, SPLIT.val_fraction))
+    big = "".join(chars)
+    folder, _ = build_tokens(tmp_path / "store", [[(train_id, big), (val_id, big[-5:])]], kind="char")
+    meta = read_meta(folder)
+    assert meta["dtype"] == "uint32"
+    assert meta["vocab_size"] == train_char([big]).vocab_size == 70_002
+    data = open_tokens(folder, "train")
+    assert data.dtype == np.uint32 and int(data.max()) > 65_535
+    tok = Tokenizer.load(folder)
+    assert tok.decode(data[:-1].tolist()) == big
+    assert tok.decode(open_tokens(folder, "val")[:-1].tolist()) == big[-5:]
+
+
+def test_an_empty_split_is_a_clear_error(tmp_path):
+    docs = [(d, t) for d, t in make_docs(60) if not is_val(d, SPLIT.seed, SPLIT.val_fraction)][:5]
+    with pytest.raises(DataIntegrityError, match=r"5 train and 0 val documents, val_fraction 0.3"):
+        build_tokens(tmp_path / "store", [docs])
+    assert Store(tmp_path / "store").latest("tokens") is None
+
+
+def test_the_split_must_be_the_tokenizers(tmp_path):
+    docs = make_docs(30)
+    other = SplitConfig(seed=4, val_fraction=0.3)
+    with pytest.raises(ConfigError, match=r"seed=4, val_fraction=0.3\).*\(seed=3, val_fraction=0.3\)"):
+        build_tokens(tmp_path / "a", [docs], tokens_cfg=TokensConfig(split=other))
+    folder, _ = build_tokens(tmp_path / "b", [docs], tokens_cfg=TokensConfig(split=SPLIT))
+    assert read_meta(folder)["split_seed"] == 3
+
+
+def test_a_tokenizer_without_a_recorded_split_is_refused(tmp_path):
+    root = tmp_path / "store"
+    dedup = publish_dedup(root, [make_docs(10)])
+
+    def build(out):
+        train_char(["abc"]).save(out)
+
+    Store(root).publish("tokenizer", "tok", build, params={}, inputs={}, code_version="test")
+    with pytest.raises(DataIntegrityError, match="tokenizer/tok: its manifest records no valid params.split"):
+        STAGE.run(root, TokensConfig(), {"dedup": dedup, "tokenizer": "tok"})
+
+
+def test_meta_is_plain_json_readers_can_check(tmp_path):
+    folder, _ = build_tokens(tmp_path / "store", [make_docs(20)])
+    meta = json.loads((folder / "meta.json").read_text())
+    for key in (
+        "dtype",
+        "vocab_size",
+        "eot_token",
+        "train_tokens",
+        "val_tokens",
+        "train_docs",
+        "val_docs",
+        "tokenizer_version",
+        "tokenizer_kind",
+        "split_seed",
+        "val_fraction",
+        "train_bytes",
+        "val_bytes",
+    ):
+        assert key in meta
