@@ -1,0 +1,363 @@
+"""Stage "evaluate": the pretrained, fine-tuned and quantized models scored side by side; a champion chosen.
+
+Output (contract): `report.json` (`models` -> pretrain / finetune / quantized, each with val_loss,
+perplexity, bits_per_byte, heldout_loss and its store version; the unigram baseline; the champion and why;
+samples), `report.md` (the same as a table, and the samples), `val_loss.png` and `curves.png`.
+"""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from pydantic import Field, model_validator
+
+from model.checkpoint import load_model
+from model.evaluate import bits_per_byte, eval_loss, perplexity, unigram_loss
+from model.finetune import response_loss
+from model.gpt import GPT
+from model.quantize import load_quantized
+from model.tokenizer import Tokenizer
+from model.train import resolve_device
+from storage.errors import ConfigError, DataIntegrityError
+from storage.store import atomic_write_json, atomic_write_text
+from storage.tokens import META, open_tokens, read_meta
+from tasks.stage import Stage, StageConfig, StageContext, stage_task
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+VAL_LOSS_PLOT = "val_loss.png"
+CURVES_PLOT = "curves.png"
+HELDOUT = "heldout.jsonl"
+METRICS = "metrics.jsonl"
+MODELS = ("pretrain", "finetune", "quantized")  # report names; "quantized" comes from the quantize stage
+_STAGE_OF = {"pretrain": "pretrain", "finetune": "finetune", "quantized": "quantize"}
+_PER_MODEL = ("val_loss", "perplexity", "bits_per_byte", "heldout_loss")
+
+
+class EvaluateConfig(StageConfig):
+    """What the models are scored on, how the samples are drawn, and how the champion is chosen."""
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device"})
+
+    eval_tokens: int = Field(
+        65_536,
+        ge=2,
+        le=1_000_000_000,
+        description="Validation tokens scored (the first ones, in fixed non-overlapping windows); 64K is "
+        "~1,000 windows of the tiny preset's 64-token context, seconds per model on 2 CPU cores.",
+    )
+    batch_size: int = Field(16, ge=1, le=4096, description="Windows (or held-out pairs) per forward pass.")
+    heldout_pairs: int = Field(
+        512, ge=1, le=1_000_000, description="At most this many held-out fine-tuning pairs are scored."
+    )
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The module", "A list is", "To open a file"],
+        max_length=32,
+        description="Sample prompts; the defaults fit the default corpus of Python documentation text.",
+    )
+    max_new_tokens: int = Field(80, ge=1, le=4096, description="Tokens generated per sample.")
+    temperature: float = Field(
+        0.8, ge=0.0, le=5.0, description="Sampling temperature; 0 is greedy. 0.8 as nanoGPT's sample.py."
+    )
+    top_k: int | None = Field(
+        40,
+        ge=1,
+        description="Sample among the k most likely tokens only (None: all); nanoGPT samples with 200 "
+        "for GPT-2's 50K vocabulary, 40 suits the small vocabularies of the presets.",
+    )
+    seed: int = Field(1337, ge=0, le=2**63 - 1, description="Seed of the sampling generator (nanoGPT's default).")
+    champion_metric: Literal["val_loss", "heldout_loss"] = Field(
+        "val_loss",
+        description="The champion is the model with the lowest value of this: the pretraining validation "
+        "loss, or the loss on held-out fine-tuning responses.",
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "cpu", description="Where the models are evaluated; auto = CUDA, else MPS, else CPU."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateConfig":
+        problems = [f"prompts[{i}] is empty" for i, prompt in enumerate(self.prompts) if not prompt.strip()]
+        if problems:
+            raise ValueError("invalid evaluate settings: " + "; ".join(problems))
+        return self
+
+
+# -- reading inputs ---------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file; a line that is not a JSON object is a data error naming it."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataIntegrityError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise DataIntegrityError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
+
+
+def read_heldout(path: Path, limit: int) -> list[dict[str, str]]:
+    """The first `limit` held-out {"prompt", "response"} pairs (none when the file is absent)."""
+    if not path.is_file():
+        return []
+    pairs = read_jsonl(path)
+    for number, pair in enumerate(pairs, start=1):
+        if not isinstance(pair.get("prompt"), str) or not isinstance(pair.get("response"), str):
+            raise DataIntegrityError(f"{path}: record {number} lacks a string 'prompt' and 'response'")
+    return pairs[:limit]
+
+
+def byte_counts(meta: dict[str, Any], tokens_dir: Path) -> tuple[int, int]:
+    """(val_tokens, val_bytes) from meta.json: what converts a per-token loss into bits per byte."""
+    n_tokens, n_bytes = meta.get("val_tokens"), meta.get("val_bytes")
+    if not isinstance(n_tokens, int) or not isinstance(n_bytes, int) or n_tokens <= 0 or n_bytes <= 0:
+        raise DataIntegrityError(
+            f"{tokens_dir / META}: needs positive val_tokens and val_bytes, got {n_tokens!r} and {n_bytes!r}"
+        )
+    return n_tokens, n_bytes
+
+
+# -- scoring ----------------------------------------------------------------------------------------------
+
+
+def sample_texts(model: GPT, tokenizer: Tokenizer, cfg: EvaluateConfig, device: torch.device) -> list[dict[str, str]]:
+    """One completion per prompt. Each prompt's generator is seeded alike for every model, so two models'
+    samples differ by what the models learned, not by the random stream."""
+    samples = []
+    for i, prompt in enumerate(cfg.prompts):
+        ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+        idx = torch.tensor([ids[-model.config.block_size :]], dtype=torch.long, device=device)  # (1, T)
+        generator = torch.Generator(device=device).manual_seed(cfg.seed + i)
+        out = model.generate(
+            idx,
+            cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_k=cfg.top_k,
+            generator=generator,
+            stop_token=tokenizer.eot_id,
+        )
+        new = out[0, idx.size(1) :].tolist()
+        if tokenizer.eot_id in new:
+            new = new[: new.index(tokenizer.eot_id)]
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(new)})
+    return samples
+
+
+def score_model(
+    model: GPT,
+    tokenizer: Tokenizer,
+    val: np.ndarray,
+    heldout: list[dict[str, str]],
+    counts: tuple[int, int],
+    cfg: EvaluateConfig,
+    device: torch.device,
+) -> dict[str, Any]:
+    block = model.config.block_size
+    loss = eval_loss(model, val, block, cfg.batch_size, cfg.eval_tokens, device)
+    heldout_loss = response_loss(model, tokenizer, heldout, block, cfg.batch_size, device) if heldout else None
+    return {
+        "val_loss": loss,
+        "perplexity": perplexity(loss),
+        "bits_per_byte": bits_per_byte(loss, *counts),
+        "heldout_loss": heldout_loss,
+    }
+
+
+def choose_champion(models: dict[str, dict[str, Any]], metric: str) -> tuple[str, str]:
+    """(name, reason): the model with the lowest `metric`; a tie goes to the one listed first."""
+    scored = {name: entry[metric] for name, entry in models.items() if entry.get(metric) is not None}
+    if not scored:
+        raise DataIntegrityError(f"no model has a {metric} to choose the champion by (no held-out pairs?)")
+    best = min(scored, key=lambda name: scored[name])
+    others = ", ".join(f"{name} {value:.4f}" for name, value in scored.items() if name != best)
+    return best, f"lowest {metric}: {scored[best]:.4f} (vs {others})" if others else f"only model with a {metric}"
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    lines = [
+        "# Evaluation",
+        "",
+        f"Scored on the first {report['eval_tokens']:,} validation tokens of tokens/{report['tokens_version']} "
+        f"and {report['heldout_pairs']} held-out fine-tuning pairs.",
+        "",
+        "| model | version | val loss | perplexity | bits/byte | held-out loss |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, entry in report["models"].items():
+        mark = " **(champion)**" if name == report["champion"] else ""
+        lines.append(
+            f"| {name}{mark} | {entry['version']} | {_fmt(entry['val_loss'])} | {entry['perplexity']:.2f} | "
+            f"{_fmt(entry['bits_per_byte'])} | {_fmt(entry['heldout_loss'])} |"
+        )
+    lines.append(
+        f"| unigram baseline | - | {_fmt(report['unigram_val_loss'])} | "
+        f"{perplexity(report['unigram_val_loss']):.2f} | {_fmt(report['unigram_bits_per_byte'])} | - |"
+    )
+    lines += ["", f"Champion: **{report['champion']}** ({report['champion_reason']}).", "", "## Samples", ""]
+    sampling = report["sampling"]
+    lines.append(
+        f"temperature {sampling['temperature']}, top_k {sampling['top_k']}, "
+        f"{sampling['max_new_tokens']} new tokens, seed {sampling['seed']}"
+    )
+    for sample in report["samples"]:
+        lines += ["", f"**{sample['model']}**, prompt `{sample['prompt']}`:", "", "```text"]
+        lines += [sample["prompt"] + sample["completion"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_val_losses(path: Path, report: dict[str, Any]) -> None:
+    names = list(report["models"])
+    losses = [report["models"][name]["val_loss"] for name in names]
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.subplots()
+    bars = ax.bar(names, losses, color=["#4c72b0" if n != report["champion"] else "#dd8452" for n in names])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.axhline(report["unigram_val_loss"], color="gray", linestyle="--", label="unigram baseline")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("Validation loss per model (champion in orange)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]]) -> None:
+    fig = Figure(figsize=(10, 4), dpi=100)
+    axes = fig.subplots(1, len(curves), squeeze=False)[0]
+    for ax, (name, records) in zip(axes, curves.items(), strict=True):
+        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, style, label=key.replace("_", " "), markersize=3)
+        ax.set_title(f"{name} (val: {'held-out responses' if name == 'finetune' else 'validation tokens'})")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no metrics logged", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def read_curve(folder: Path) -> list[dict[str, Any]]:
+    path = folder / METRICS
+    return read_jsonl(path) if path.is_file() else []
+
+
+# -- the stage --------------------------------------------------------------------------------------------
+
+
+def resolve(device: str) -> torch.device:
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("evaluate: device 'cuda' was asked for but no CUDA device is available")
+    return resolved
+
+
+def build(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
+    device = resolve(cfg.device)
+    tokens_dir = ctx.input_path("tokens")
+    meta = read_meta(tokens_dir)
+    if meta.get("tokenizer_version") not in (None, ctx.inputs["tokenizer"]):
+        raise DataIntegrityError(
+            f"{tokens_dir / META}: tokens were made with tokenizer/{meta['tokenizer_version']}, "
+            f"not the tokenizer/{ctx.inputs['tokenizer']} given to evaluate"
+        )
+    counts = byte_counts(meta, tokens_dir)
+    val = open_tokens(tokens_dir, "val")
+    tokenizer = Tokenizer.load(ctx.input_path("tokenizer") / "tokenizer.json")
+    heldout = read_heldout(ctx.input_path("finetune") / HELDOUT, cfg.heldout_pairs)
+    if cfg.champion_metric == "heldout_loss" and not heldout:
+        raise DataIntegrityError(
+            f"{ctx.input_path('finetune') / HELDOUT}: no held-out pairs, so champion_metric 'heldout_loss' "
+            "cannot be scored"
+        )
+
+    unigram = unigram_loss(open_tokens(tokens_dir, "train"), val, meta["vocab_size"], cfg.eval_tokens)
+    loaders: dict[str, Callable[[], GPT]] = {
+        "pretrain": lambda: load_model(ctx.input_path("pretrain"), device),
+        "finetune": lambda: load_model(ctx.input_path("finetune"), device),
+        "quantized": lambda: load_quantized(ctx.input_path("quantize"), device),
+    }
+    models: dict[str, dict[str, Any]] = {}
+    samples: list[dict[str, str]] = []
+    for name in MODELS:
+        model = loaders[name]()  # one model in memory at a time
+        if model.config.vocab_size < meta["vocab_size"]:
+            raise DataIntegrityError(
+                f"{_STAGE_OF[name]}/{ctx.inputs[_STAGE_OF[name]]}: vocab_size {model.config.vocab_size} is "
+                f"smaller than the tokens' {meta['vocab_size']} ({tokens_dir / META})"
+            )
+        ctx.log.info("scoring %s", name)
+        entry = score_model(model, tokenizer, val, heldout, counts, cfg, device)
+        entry["version"] = ctx.inputs[_STAGE_OF[name]]
+        entry["gain_over_unigram"] = unigram - entry["val_loss"]
+        models[name] = entry
+        samples += [{"model": name, **sample} for sample in sample_texts(model, tokenizer, cfg, device)]
+        del model
+
+    champion, reason = choose_champion(models, cfg.champion_metric)
+    if models[champion]["val_loss"] >= unigram:
+        ctx.log.warning(
+            "the champion %s (val loss %.4f) does not beat the unigram baseline (%.4f): it learned no context",
+            champion,
+            models[champion]["val_loss"],
+            unigram,
+        )
+    report = {
+        "models": models,
+        "unigram_val_loss": unigram,
+        "unigram_bits_per_byte": bits_per_byte(unigram, *counts),
+        "champion": champion,
+        "champion_version": models[champion]["version"],
+        "champion_metric": cfg.champion_metric,
+        "champion_reason": reason,
+        "samples": samples,
+        "sampling": {k: getattr(cfg, k) for k in ("temperature", "top_k", "max_new_tokens", "seed")},
+        "eval_tokens": min(len(val), cfg.eval_tokens),
+        "heldout_pairs": len(heldout),
+        "tokens_version": ctx.inputs["tokens"],
+    }
+    atomic_write_json(ctx.out / REPORT_JSON, report)
+    atomic_write_text(ctx.out / REPORT_MD, render_markdown(report))
+    plot_val_losses(ctx.out / VAL_LOSS_PLOT, report)
+    plot_curves(ctx.out / CURVES_PLOT, {s: read_curve(ctx.input_path(s)) for s in ("pretrain", "finetune")})
+    ctx.log.info("champion: %s (%s)", champion, reason)
+
+    metrics: dict[str, Any] = {f"{name}_{key}": models[name][key] for name in MODELS for key in _PER_MODEL}
+    metrics.update(
+        champion=champion,
+        unigram_val_loss=unigram,
+        unigram_bits_per_byte=report["unigram_bits_per_byte"],
+        eval_tokens=report["eval_tokens"],
+    )
+    return metrics
+
+
+STAGE = Stage(
+    name="evaluate",
+    module=__name__,
+    config=EvaluateConfig,
+    build=build,
+    inputs=("tokens", "tokenizer", "pretrain", "finetune", "quantize"),
+)
+evaluate_task = stage_task(STAGE)

@@ -1,0 +1,195 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from model.checkpoint import save_model
+from model.evaluate import eval_loss
+from model.gpt import GPT, GPTConfig
+from model.quantize import (
+    dequantize_int4,
+    dequantize_state_dict,
+    load_quantized,
+    quantize_int4,
+    quantize_int8,
+    quantize_state_dict,
+    quantized_bytes,
+    save_quantized,
+    to_dynamic_int8,
+)
+from storage.errors import DataIntegrityError
+from storage.store import Store, atomic_write_json
+from storage.tokens import TokenFileWriter
+from tasks.quantize import REPORT, QuantizeConfig
+from tasks.quantize import STAGE as QUANTIZE
+
+VOCAB = 16
+
+
+def tiny_gpt(seed: int = 0, n_embd: int = 32, vocab_size: int = VOCAB) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=n_embd)).eval()
+
+
+def publish_tokens(store: Store, val: np.ndarray, vocab_size: int = VOCAB) -> str:
+    def build(out: Path) -> dict:
+        with TokenFileWriter(out / "train.bin", np.uint16) as w:
+            w.write(val[::-1].copy())
+        with TokenFileWriter(out / "val.bin", np.uint16) as w:
+            w.write(val)
+        meta = {"dtype": "uint16", "vocab_size": vocab_size, "eot_token": 0, "train_tokens": len(val)}
+        meta.update(val_tokens=len(val), train_docs=1, val_docs=1, train_bytes=len(val), val_bytes=len(val))
+        atomic_write_json(out / "meta.json", meta)
+        return {}
+
+    store.publish("tokens", "tok", build, params={}, inputs={}, code_version="test")
+    return "tok"
+
+
+def publish_model(store: Store, model: GPT, version: str = "ft") -> str:
+    store.publish("finetune", version, lambda out: save_model(out, model), params={}, inputs={}, code_version="t")
+    return version
+
+
+def test_int8_error_is_at_most_half_a_step_per_channel() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 40) * torch.linspace(0.01, 3.0, 48)[:, None]  # rows on very different scales
+    w[5] = 0.0  # an all-zero row must come back as zeros, not NaN
+    q, scales = quantize_int8(w)
+    assert q.dtype == torch.int8 and scales.shape == (48,)
+    error = (w - q.float() * scales[:, None]).abs().amax(dim=1)
+    assert torch.all(error <= scales / 2 * (1 + 1e-5))
+    assert torch.equal(q[5], torch.zeros(40, dtype=torch.int8))
+    assert int(q.abs().max()) == 127  # the largest weight of a row uses the whole range
+
+
+def test_int4_packs_two_values_per_byte_with_bounded_error() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(8, 100)  # 100 inputs: not a multiple of the group size
+    packed, scales = quantize_int4(w, group_size=32)
+    assert packed.dtype == torch.uint8 and packed.shape == (8, 64) and scales.shape == (8, 4)
+    back = dequantize_int4(packed, scales, (8, 100))
+    assert back.shape == w.shape
+    step = scales.repeat_interleave(32, dim=1)[:, :100]  # each weight's own group scale
+    assert torch.all((w - back).abs() <= step / 2 * (1 + 1e-5))
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_int4(w, group_size=48)
+
+
+def test_quantized_file_is_four_times_smaller_and_loads_weights_only(tmp_path: Path) -> None:
+    model = tiny_gpt(n_embd=128, vocab_size=256)
+    save_model(tmp_path / "fp32", model)
+    path = save_quantized(tmp_path / "q", model, bits=8)
+    assert path.name == "model_int8.pt"
+    qstate = torch.load(path, weights_only=True)  # no pickled modules inside
+    assert set(qstate["aliases"]) == {"lm_head.weight"}  # the tied head is stored once
+    fp32_bytes = (tmp_path / "fp32" / "model.pt").stat().st_size
+    assert fp32_bytes / path.stat().st_size > 3.5
+    # The weights alone: one byte per weight plus one fp32 scale per row, about 4x smaller than fp32.
+    weights = {k: v for k, v in model.state_dict().items() if v.dim() == 2 and k != "lm_head.weight"}
+    fp32_weight_bytes = sum(v.numel() * 4 for v in weights.values())
+    q_weight_bytes = quantized_bytes({"float": {}, "quantized": qstate["quantized"]})
+    assert q_weight_bytes == sum(v.numel() + 4 * v.shape[0] for v in weights.values())
+    assert 3.8 < fp32_weight_bytes / q_weight_bytes <= 4.0
+
+
+def test_int4_file_is_smaller_than_int8(tmp_path: Path) -> None:
+    model = tiny_gpt(n_embd=128, vocab_size=256)
+    int8 = save_quantized(tmp_path / "q8", model, bits=8).stat().st_size
+    int4 = save_quantized(tmp_path / "q4", model, bits=4, group_size=64).stat().st_size
+    assert int4 < 0.6 * int8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_loaded_model_keeps_ties_and_matches_the_float_loss(tmp_path: Path, bits: int) -> None:
+    model = tiny_gpt()
+    save_quantized(tmp_path, model, bits=bits)
+    loaded = load_quantized(tmp_path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    tokens = np.random.default_rng(0).integers(0, VOCAB, 400)
+    float_loss = eval_loss(model, tokens, 16, 8, None)
+    assert eval_loss(loaded, tokens, 16, 8, None) == pytest.approx(float_loss, abs=0.002 if bits == 8 else 0.02)
+
+
+def test_dequantize_keeps_non_matrix_tensors_exactly() -> None:
+    state = tiny_gpt().state_dict()
+    back = dequantize_state_dict(quantize_state_dict(state, bits=8))
+    assert set(back) == set(state)
+    assert torch.equal(back["transformer.h.0.ln_1.weight"], state["transformer.h.0.ln_1.weight"])
+    assert torch.equal(back["lm_head.weight"], back["transformer.wte.weight"])
+
+
+def test_dynamic_int8_model_predicts_like_the_float_model() -> None:
+    model = tiny_gpt()
+    fast = to_dynamic_int8(model)
+    assert model.lm_head.__class__ is torch.nn.Linear  # the original is left alone
+    tokens = np.random.default_rng(1).integers(0, VOCAB, 400)
+    assert eval_loss(fast, tokens, 16, 8, None) == pytest.approx(eval_loss(model, tokens, 16, 8, None), abs=0.01)
+
+
+def test_corrupt_or_foreign_weights_are_data_errors(tmp_path: Path) -> None:
+    model = tiny_gpt()
+    path = save_quantized(tmp_path, model, bits=8)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataIntegrityError, match="model_int8.pt"):
+        load_quantized(tmp_path)
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(DataIntegrityError, match="format"):
+        load_quantized(tmp_path)
+    path.unlink()
+    with pytest.raises(DataIntegrityError, match="no quantized weights file"):
+        load_quantized(tmp_path)
+
+
+def test_quantize_stage_writes_weights_and_report(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    tokens = publish_tokens(store, np.random.default_rng(0).integers(0, VOCAB, 500).astype(np.uint16))
+    finetune = publish_model(store, tiny_gpt())
+    cfg = QuantizeConfig(eval_tokens=300, latency_runs=2)
+    ref = QUANTIZE.run(store.root, cfg, {"finetune": finetune, "tokens": tokens})
+    folder = store.path("quantize", ref.version)
+    assert {"model_int8.pt", "model_config.json", REPORT} <= {p.name for p in folder.iterdir()}
+    report = json.loads((folder / REPORT).read_text())
+    assert report["eval_tokens"] == 300 and report["source_version"] == "ft"
+    assert report["val_loss_delta"] == pytest.approx(report["val_loss_quantized"] - report["val_loss_fp32"])
+    assert abs(report["val_loss_delta"]) < 0.002
+    assert report["size_ratio"] == pytest.approx(report["fp32_file_bytes"] / report["quantized_file_bytes"])
+    assert report["latency_fp32_ms"] > 0 and report["latency_quantized_ms"] > 0
+    assert "dynamic int8" in report["method"]
+    assert store.manifest("quantize", ref.version)["metrics"]["val_loss_fp32"] == report["val_loss_fp32"]
+    # The loss in the report is the one a reader of the published file measures.
+    val = np.fromfile(store.path("tokens", tokens) / "val.bin", dtype=np.uint16)
+    assert eval_loss(load_quantized(folder), val, 16, 16, 300) == pytest.approx(report["val_loss_quantized"])
+
+
+def test_quantize_stage_int4(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    tokens = publish_tokens(store, np.random.default_rng(0).integers(0, VOCAB, 200).astype(np.uint16))
+    finetune = publish_model(store, tiny_gpt())
+    ref = QUANTIZE.run(
+        store.root, QuantizeConfig(bits=4, group_size=32, latency_runs=1), {"finetune": finetune, "tokens": tokens}
+    )
+    report = json.loads((store.path("quantize", ref.version) / REPORT).read_text())
+    assert report["quantized_file"] == "model_int4.pt" and report["group_size"] == 32
+    assert abs(report["val_loss_delta"]) < 0.05
+
+
+def test_quantize_stage_rejects_tokens_beyond_the_model_vocabulary(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    tokens = publish_tokens(store, np.arange(100, dtype=np.uint16) % VOCAB, vocab_size=VOCAB * 2)
+    finetune = publish_model(store, tiny_gpt())
+    with pytest.raises(DataIntegrityError, match="vocab_size 32 exceeds"):
+        QUANTIZE.run(store.root, QuantizeConfig(), {"finetune": finetune, "tokens": tokens})
+    assert store.latest("quantize") is None
+
+
+def test_quantize_config_rejects_bad_values() -> None:
+    with pytest.raises(ValidationError):
+        QuantizeConfig(bits=2)
+    with pytest.raises(ValidationError):
+        QuantizeConfig(group_size=48)
+    with pytest.raises(ValidationError):
+        QuantizeConfig(eval_tokens=1)
