@@ -163,6 +163,10 @@ def result_storage(storage: str | Path) -> Path:
 def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
     """The Prefect cache key of a stage run is its version id: cached == already in the store.
 
+    For a stage with an identity hook (content outside the store, e.g. a data file), the hook runs here
+    too, so that changed content is a new key; keep such hooks cheap and local (download, which must ask
+    a server, is not cached by Prefect at all).
+
     A cached record whose version has since left the store (gc, a deleted folder) must not short-circuit
     the rebuild, so such a stale record is removed before Prefect looks it up.
     """
@@ -173,7 +177,8 @@ def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
         cfg = parameters["cfg"]
         if not isinstance(cfg, stage.config):
             cfg = stage.config.model_validate(cfg)
-        version = stage.version(cfg, stage.input_versions(parameters.get("inputs") or {}))
+        identity = stage.identity(cfg) if stage.identity else None
+        version = stage.version(cfg, stage.input_versions(parameters.get("inputs") or {}), identity)
         name = f"gptflow-{stage.name}-{version}"
         if not Store(parameters["storage"]).has(stage.name, version):
             (result_storage(parameters["storage"]) / name).unlink(missing_ok=True)

@@ -1,0 +1,153 @@
+"""Supervised fine-tuning on prompt/response pairs, with the loss on response tokens only.
+
+Each pair becomes `PROMPT_TEMPLATE.format(prompt=...)` + response + end-of-text, truncated to block_size.
+The prompt and the response are encoded separately, so the boundary between them is exact whatever the
+tokenizer merges; labels are -100 (ignored) on prompt positions and on padding. Training reuses the loop
+of model/train.py (schedule, clipping, checkpoints, exact resume) with a batch source of whole examples.
+"""
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from model.data import ExampleBatches, pad_examples
+from model.gpt import GPT
+from model.train import TrainConfig, TrainResult, autocast, resolve_device, train
+from storage.errors import DataIntegrityError
+
+PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
+IGNORE_INDEX = -100
+
+Example = tuple[list[int], list[int]]  # inputs and their shifted, masked labels
+
+
+class TextTokenizer(Protocol):
+    eot_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+def encode_pair(tokenizer: TextTokenizer, prompt: str, response: str, block_size: int) -> Example:
+    """(inputs, labels) of one pair: labels[i] is the token after inputs[i] where that token belongs to the
+    response (or is the closing end-of-text), and IGNORE_INDEX where it belongs to the prompt."""
+    prompt_ids = tokenizer.encode(PROMPT_TEMPLATE.format(prompt=prompt))
+    response_ids = [*tokenizer.encode(response), tokenizer.eot_id]
+    sequence = (prompt_ids + response_ids)[: block_size + 1]  # one extra: the last input's target
+    inputs = sequence[:-1]
+    # Target i is sequence[i + 1]; it is a response token when i + 1 reaches past the prompt.
+    labels = [tok if i + 1 >= len(prompt_ids) else IGNORE_INDEX for i, tok in enumerate(sequence[1:])]
+    return inputs, labels
+
+
+def encode_pairs(
+    tokenizer: TextTokenizer, pairs: Sequence[dict[str, str]], block_size: int
+) -> tuple[list[Example], int]:
+    """Encoded examples, and how many pairs were left out because their prompt fills the whole block."""
+    examples, dropped = [], 0
+    for pair in pairs:
+        inputs, labels = encode_pair(tokenizer, pair["prompt"], pair["response"], block_size)
+        if all(label == IGNORE_INDEX for label in labels):
+            dropped += 1  # no response token within block_size: nothing to learn or score
+        else:
+            examples.append((inputs, labels))
+    return examples, dropped
+
+
+def pair_key(pair: dict[str, str], seed: int) -> float:
+    """A pair's position in [0, 1) for the held-out split: a seeded hash of its content, not of its index."""
+    text = json.dumps({"prompt": pair["prompt"], "response": pair["response"]}, sort_keys=True)
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_pairs(
+    pairs: Sequence[dict[str, str]], heldout_fraction: float, seed: int
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, heldout). The split depends on each pair's content and the seed only: reordering the data
+    keeps it, and a pair that occurs twice lands on one side, so held-out pairs are never trained on."""
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+    train_pairs, heldout = [], []
+    for pair in pairs:
+        (heldout if pair_key(pair, seed) < heldout_fraction else train_pairs).append(pair)
+    return train_pairs, heldout
+
+
+def _padding_id(tokenizer: TextTokenizer) -> int:
+    return tokenizer.eot_id  # any valid id: padded positions come last, so causal attention never reads them
+
+
+@torch.no_grad()
+def response_loss(
+    model: GPT,
+    tokenizer: TextTokenizer,
+    pairs: Sequence[dict[str, str]],
+    block_size: int,
+    batch_size: int,
+    device: str | torch.device,
+) -> float:
+    """Mean loss per response token (nats) of `model` on `pairs`, dropout off."""
+    examples, _ = encode_pairs(tokenizer, pairs, block_size)
+    if not examples:
+        raise DataIntegrityError(f"none of the {len(pairs)} pairs has a response token within block_size")
+    device = resolve_device(device) if isinstance(device, str) else device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        x, y = pad_examples(examples[start : start + batch_size], _padding_id(tokenizer), IGNORE_INDEX)
+        n = int((y != IGNORE_INDEX).sum())
+        with autocast(device):
+            _, loss = model(x.to(device), y.to(device), ignore_index=IGNORE_INDEX)
+        total += float(loss) * n  # token-weighted: every response token counts once, whatever the batch
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def finetune(
+    model: GPT,
+    tokenizer: TextTokenizer,
+    train_pairs: Sequence[dict[str, str]],
+    heldout_pairs: Sequence[dict[str, str]],
+    cfg: TrainConfig,
+    checkpoint_dir: Path,
+    *,
+    metrics_path: Path | None = None,
+    log: Callable[[str], None] | None = None,
+    identity: Any = None,
+) -> tuple[TrainResult, dict[str, int]]:
+    """Fine-tune `model` in place; the loop's val_loss is the held-out response loss.
+
+    Returns the training result and counts: examples trained on / held out, pairs dropped by truncation.
+    """
+    block_size = model.config.block_size
+    train_examples, train_dropped = encode_pairs(tokenizer, train_pairs, block_size)
+    heldout_examples, heldout_dropped = encode_pairs(tokenizer, heldout_pairs, block_size)
+    if not train_examples:
+        raise DataIntegrityError(
+            f"none of the {len(train_pairs)} training pairs has a response token within block_size {block_size}"
+        )
+    source = ExampleBatches(
+        train_examples, heldout_examples, cfg.batch_size, cfg.seed, _padding_id(tokenizer), IGNORE_INDEX
+    )
+    result = train(
+        model,
+        source,
+        cfg,
+        checkpoint_dir,
+        metrics_path=metrics_path,
+        log=log,
+        identity=identity,
+        ignore_index=IGNORE_INDEX,
+    )
+    counts = {
+        "train_examples": len(train_examples),
+        "heldout_examples": len(heldout_examples),
+        "dropped_truncated": train_dropped + heldout_dropped,
+    }
+    return result, counts

@@ -1,0 +1,432 @@
+"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation and clipping, periodic evaluation,
+atomic checkpoints and exact resume. Pure PyTorch; the caller passes a batch source and a log callback.
+
+Exact resume rests on three things: batches are pure functions of (seed, step, micro-step) (model/data.py),
+dropout is reseeded from (seed, step) before every step, and a checkpoint holds the model, the optimizer
+state and every metrics record so far. A run killed after a checkpoint and resumed ends with the same
+weights, bit for bit, and the same metrics.jsonl as a run that was never interrupted.
+
+One optimizer step lives in `train_step` so that a data-parallel wrapper can reuse it unchanged.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model.checkpoint import atomic_torch_save
+from model.data import BatchSource
+from model.gpt import GPT
+from storage.errors import ConfigError, DataIntegrityError
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CHECKPOINT_FORMAT = 1
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The loop's parameters. Defaults follow nanoGPT's character-level CPU recipe (shakespeare_char)."""
+
+    batch_size: int = 12
+    grad_accum_steps: int = 1
+    max_steps: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4  # nanoGPT: learning_rate / 10 (Chinchilla)
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99  # nanoGPT shakespeare_char: a little above GPT-3's 0.95 for few tokens per step
+    grad_clip: float = 1.0  # 0 turns clipping off
+    eval_interval: int = 250
+    eval_steps: int = 20
+    checkpoint_interval: int = 250
+    log_interval: int = 10
+    seed: int = 1337
+    compile: bool = False
+    device: str = "auto"
+    progress: bool = False
+
+    # How a run executes, not what it computes: a checkpoint stays resumable when only these change.
+    RUNTIME_FIELDS = ("compile", "device", "progress")
+
+    def __post_init__(self) -> None:
+        problems = train_config_problems(asdict(self))
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def identity(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUNTIME_FIELDS}
+
+
+def train_config_problems(values: dict[str, Any]) -> list[str]:
+    """Every problem with a set of TrainConfig values (ranges and cross-field checks), for one error."""
+    problems = []
+    for name in (
+        "batch_size",
+        "grad_accum_steps",
+        "max_steps",
+        "eval_interval",
+        "eval_steps",
+        "checkpoint_interval",
+        "log_interval",
+    ):
+        if values[name] < 1:
+            problems.append(f"{name} must be >= 1, got {values[name]}")
+    if values["warmup_steps"] < 0:
+        problems.append(f"warmup_steps must be >= 0, got {values['warmup_steps']}")
+    if values["learning_rate"] <= 0:
+        problems.append(f"learning_rate must be > 0, got {values['learning_rate']}")
+    if values["min_lr"] < 0:
+        problems.append(f"min_lr must be >= 0, got {values['min_lr']}")
+    problems += schedule_problems(values)
+    for name in ("beta1", "beta2"):
+        if not 0 <= values[name] < 1:
+            problems.append(f"{name} must be in [0, 1), got {values[name]}")
+    for name in ("weight_decay", "grad_clip"):
+        if values[name] < 0:
+            problems.append(f"{name} must be >= 0, got {values[name]}")
+    if values["device"] not in DEVICES and not str(values["device"]).startswith("cuda:"):
+        problems.append(f"device must be one of {list(DEVICES)} or cuda:N, got {values['device']!r}")
+    return problems
+
+
+def schedule_problems(values: dict[str, Any]) -> list[str]:
+    """The checks between fields of the learning-rate schedule (each field's own range is checked apart)."""
+    problems = []
+    if 1 <= values["max_steps"] <= values["warmup_steps"]:
+        problems.append(f"warmup_steps ({values['warmup_steps']}) must be < max_steps ({values['max_steps']})")
+    if values["min_lr"] > values["learning_rate"] > 0:
+        problems.append(f"min_lr ({values['min_lr']}) must be <= learning_rate ({values['learning_rate']})")
+    return problems
+
+
+# -- pieces of the loop --------------------------------------------------------------------------------
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: CUDA if available, else Apple's MPS, else the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device) -> AbstractContextManager:
+    """bf16 autocast on CUDA GPUs that support it; nothing elsewhere (bf16 matmul on CPUs without native
+    support runs ~100x slower than fp32, see ENV-NOTES)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_steps, then cosine decay to min_lr at max_steps (nanoGPT's get_lr)."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
+    if step >= cfg.max_steps:
+        return cfg.min_lr
+    ratio = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The dropout seed of one optimizer step: a pure function of (seed, step), so resume replays it."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+
+
+def config_hash(model: GPT, cfg: TrainConfig, identity: Any = None) -> str:
+    """What a checkpoint must match to be resumed: the model config, the training config, the data."""
+    payload = {"model": model.config.to_dict(), "train": cfg.identity(), "identity": identity}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        model.optimizer_groups(cfg.weight_decay),
+        lr=cfg.learning_rate,
+        betas=(cfg.beta1, cfg.beta2),
+        fused=device.type == "cuda",  # one kernel for the whole update on GPUs
+    )
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    source: BatchSource,
+    step: int,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """One optimizer step over grad_accum_steps micro-batches: (mean loss, gradient norm, tokens seen).
+
+    Losses stay on the device: reading them forces a GPU sync, which only logging steps pay for.
+    """
+    torch.manual_seed(step_seed(cfg.seed, step))
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    total = torch.zeros((), device=device)
+    tokens = 0
+    for micro in range(cfg.grad_accum_steps):
+        x, y = source.train_batch(step, micro)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device):
+            _, loss = model(x, y)
+        # Scaled so that the accumulated gradient is the mean over micro-batches, as one big batch's.
+        loss = loss / cfg.grad_accum_steps
+        loss.backward()
+        total += loss.detach()
+        tokens += x.numel()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total, norm, tokens
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, source: BatchSource, eval_steps: int, device: torch.device, ignore_index: int = -100
+) -> dict[str, float]:
+    """Mean loss per target token on each split's fixed evaluation batches, with dropout off."""
+    was_training = model.training
+    model.eval()
+    losses = {}
+    for split in source.eval_splits():
+        total, count = 0.0, 0
+        for x, y in source.eval_batches(split, eval_steps):
+            n = int((y != ignore_index).sum())
+            if n == 0:
+                continue
+            with autocast(device):
+                _, loss = model(x.to(device), y.to(device), ignore_index=ignore_index)
+            total += float(loss) * n  # token-weighted, so the batching does not change the mean
+            count += n
+        if count:
+            losses[split] = total / count
+    model.train(was_training)
+    return losses
+
+
+# -- metrics files and plot ----------------------------------------------------------------------------
+
+
+def write_metrics(records: list[dict[str, Any]], path: Path) -> None:
+    """Rewrite metrics.jsonl atomically with `records`, one JSON object per line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataIntegrityError(f"{path}:{number}: not a JSON object ({exc.msg})") from None
+    return records
+
+
+def plot_losses(records: list[dict[str, Any]], path: Path, title: str = "loss") -> None:
+    """A small PNG of train and val loss against step (Agg canvas: no display, no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    series = [("train_loss", "train (step)", 0.35), ("train_eval_loss", "train (eval)", 1.0), ("val_loss", "val", 1.0)]
+    for key, label, alpha in series:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=label, alpha=alpha, marker="o" if key != "train_loss" else None, ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    seconds: float  # training wall time over every attempt, evaluation included
+    tokens_per_s: float
+    train_loss: float | None  # the last logged step's loss
+    train_eval_loss: float | None  # the last evaluation on training batches
+    val_loss: float | None  # the last evaluation on validation batches
+    best_val_loss: float | None
+    device: str
+    resumed_from: int  # the step a checkpoint let this call start at (0: from scratch)
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _load_checkpoint(path: Path, expected_hash: str) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file; all mean the same here
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DataIntegrityError(f"{path}: unreadable checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise DataIntegrityError(f"{path}: not a gptflow training checkpoint (format {CHECKPOINT_FORMAT})")
+    if state.get("config_hash") != expected_hash:
+        raise ConfigError(
+            f"{path}: checkpoint of a different model/training config (hash {state.get('config_hash')}, "
+            f"this run {expected_hash}); delete it to start over"
+        )
+    return state
+
+
+def train(
+    model: GPT,
+    source: BatchSource,
+    cfg: TrainConfig,
+    checkpoint_dir: Path,
+    *,
+    metrics_path: Path | None = None,
+    log: Callable[[str], None] | None = None,
+    identity: Any = None,
+    ignore_index: int = -100,
+) -> TrainResult:
+    """Train `model` in place on `source` until cfg.max_steps, resuming from checkpoint_dir when it holds a
+    checkpoint of the same model, config and `identity` (a description of the data); another config's
+    checkpoint is refused. metrics.jsonl (default: in checkpoint_dir) ends with one record per logged step.
+    """
+    log = log or _logger.info
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = checkpoint_dir / CHECKPOINT
+    metrics_path = Path(metrics_path) if metrics_path is not None else checkpoint_dir / METRICS
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        # TF32 matmuls: ~fp32 accuracy at several times the speed on Ampere and later GPUs.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    expected_hash = config_hash(model, cfg, identity)
+    model.to(device)
+    model.train()
+    optimizer = make_optimizer(model, cfg, device)
+    step, tokens_seen, seconds_before, records = 0, 0, 0.0, []
+    if checkpoint_path.is_file():
+        state = _load_checkpoint(checkpoint_path, expected_hash)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, tokens_seen, seconds_before = state["step"], state["tokens_seen"], state["seconds"]
+        records = list(state["records"])
+        log(f"resuming from {checkpoint_path} at step {step}/{cfg.max_steps}")
+    resumed_from = step
+    # Lines a killed attempt logged after its last checkpoint go: the steps are replayed identically.
+    write_metrics(records, metrics_path)
+    step_model = torch.compile(model) if cfg.compile else model
+
+    started = time.monotonic()
+
+    def save_checkpoint() -> None:
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "config_hash": expected_hash,
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "records": records,
+                "tokens_seen": tokens_seen,
+                "seconds": seconds_before + time.monotonic() - started,
+            },
+            checkpoint_path,
+        )
+
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    window_start, window_tokens = time.monotonic(), 0
+    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        while step < cfg.max_steps:
+            lr = lr_at(step, cfg)
+            loss, norm, tokens = train_step(step_model, optimizer, source, step, cfg, device)
+            step += 1  # steps are counted as completed optimizer steps: 1 .. max_steps
+            tokens_seen += tokens
+            window_tokens += tokens
+            bar.update(1)
+            last = step == cfg.max_steps
+            evaluate_now = step % cfg.eval_interval == 0 or last
+            if step % cfg.log_interval == 0 or evaluate_now:
+                train_loss = float(loss)  # syncs the device, so the timing below is honest
+                if not math.isfinite(train_loss):
+                    raise ConfigError(f"training diverged: loss is {train_loss} at step {step} (lower learning_rate)")
+                elapsed = time.monotonic() - window_start
+                record: dict[str, Any] = {
+                    "step": step,
+                    "train_loss": train_loss,
+                    "lr": lr,
+                    "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
+                }
+                if norm is not None:
+                    record["grad_norm"] = float(norm)
+                if evaluate_now:
+                    losses = evaluate(model, source, cfg.eval_steps, device, ignore_index)
+                    if "train" in losses:
+                        record["train_eval_loss"] = losses["train"]
+                    if "val" in losses:
+                        record["val_loss"] = losses["val"]
+                records.append(record)
+                metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                line = f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e}"
+                line += f" | {record['tokens_per_s']:.0f} tok/s"
+                if "val_loss" in record or "train_eval_loss" in record:
+                    line += f" | eval train {record.get('train_eval_loss', float('nan')):.4f}"
+                    line += f" val {record.get('val_loss', float('nan')):.4f}"
+                log(line)
+            if step % cfg.checkpoint_interval == 0 or last:
+                save_checkpoint()
+            if step % cfg.log_interval == 0 or evaluate_now:
+                window_start, window_tokens = time.monotonic(), 0
+    bar.close()
+
+    seconds = seconds_before + time.monotonic() - started
+    val_losses = [r["val_loss"] for r in records if "val_loss" in r]
+    return TrainResult(
+        steps=step,
+        tokens_seen=tokens_seen,
+        seconds=seconds,
+        tokens_per_s=tokens_seen / seconds if seconds > 0 else 0.0,
+        train_loss=next((r["train_loss"] for r in reversed(records)), None),
+        train_eval_loss=next((r["train_eval_loss"] for r in reversed(records) if "train_eval_loss" in r), None),
+        val_loss=val_losses[-1] if val_losses else None,
+        best_val_loss=min(val_losses) if val_losses else None,
+        device=str(device),
+        resumed_from=resumed_from,
+        records=records,
+    )

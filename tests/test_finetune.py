@@ -1,0 +1,256 @@
+"""Supervised fine-tuning: the response-only loss mask, the held-out split, bad data, and the stage."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.data import ExampleBatches
+from model.finetune import IGNORE_INDEX, PROMPT_TEMPLATE, encode_pair, encode_pairs, response_loss, split_pairs
+from model.gpt import GPT, GPTConfig
+from model.tokenizer import EOT, Tokenizer, train_char
+from model.train import read_metrics
+from storage.errors import ConfigError, DataIntegrityError
+from storage.store import Store
+from storage.tokens import TokenFileWriter
+from tasks.finetune import STAGE, FinetuneConfig, load_pairs
+from tasks.pretrain import STAGE as PRETRAIN
+from tasks.pretrain import PretrainConfig
+
+WORDS = ["cat", "dog", "sun", "map", "pen", "cup", "box", "hat", "fig", "jam", "owl", "ray", "tip", "van", "web"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster on one thread than on two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_pairs() -> list[dict[str, str]]:
+    twice = [{"prompt": f"twice {w}", "response": f"{w} {w}"} for w in WORDS]
+    return twice + [{"prompt": f"upper {w}", "response": w.upper()} for w in WORDS]
+
+
+def char_tokenizer() -> Tokenizer:
+    texts = [PROMPT_TEMPLATE.format(prompt=p["prompt"]) + p["response"] for p in make_pairs()]
+    return train_char(texts)
+
+
+def write_jsonl(path: Path, pairs: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    return path
+
+
+# -- the loss mask -------------------------------------------------------------------------------------
+
+
+def test_loss_mask_covers_exactly_the_response_tokens() -> None:
+    tokenizer = char_tokenizer()
+    inputs, labels = encode_pair(tokenizer, "twice cat", "cat cat", block_size=64)
+    prompt_text = PROMPT_TEMPLATE.format(prompt="twice cat")
+    assert len(inputs) == len(labels) == len(prompt_text) + len("cat cat") + 1 - 1
+    assert tokenizer.decode(inputs) == prompt_text + "cat cat"
+    targets = [t for t in labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(targets) == "cat cat" + EOT
+    # Masked positions are exactly those whose next token is still the prompt's.
+    assert labels[: len(prompt_text) - 1] == [IGNORE_INDEX] * (len(prompt_text) - 1)
+    assert IGNORE_INDEX not in labels[len(prompt_text) - 1 :]
+
+
+def test_long_pairs_are_truncated_to_the_block_and_prompt_only_ones_dropped() -> None:
+    tokenizer = char_tokenizer()
+    prompt_len = len(PROMPT_TEMPLATE.format(prompt="twice cat"))
+    inputs, labels = encode_pair(tokenizer, "twice cat", "cat cat", block_size=prompt_len + 2)
+    assert len(inputs) == prompt_len + 2
+    assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "cat"
+    examples, dropped = encode_pairs(
+        tokenizer, [{"prompt": "twice cat", "response": "cat cat"}, {"prompt": "x" * 100, "response": "y"}], 40
+    )
+    assert dropped == 1 and len(examples) == 1
+
+
+def test_padding_is_never_a_target() -> None:
+    examples = [([1, 2, 3], [IGNORE_INDEX, 3, 4]), ([5], [6])]
+    source = ExampleBatches(examples, [], batch_size=2, seed=0, pad_id=0)
+    x, y = next(source.eval_batches("train", 1))
+    assert x.tolist() == [[1, 2, 3], [5, 0, 0]]
+    assert y.tolist() == [[IGNORE_INDEX, 3, 4], [6, IGNORE_INDEX, IGNORE_INDEX]]
+    assert source.eval_splits() == ("train",)
+
+
+def test_response_loss_is_per_token_whatever_the_batch_size() -> None:
+    tokenizer = char_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=48, n_layer=2, n_head=2, n_embd=32))
+    pairs = make_pairs()[:7]
+    one = response_loss(model, tokenizer, pairs, 48, 1, "cpu")
+    three = response_loss(model, tokenizer, pairs, 48, 3, "cpu")
+    assert one == pytest.approx(three, rel=1e-5)
+    assert 3.0 < one < 5.0  # an untrained model: about ln(64)
+    with pytest.raises(DataIntegrityError, match="none of the 1 pairs"):
+        response_loss(model, tokenizer, [{"prompt": "x" * 60, "response": "y"}], 48, 1, "cpu")
+
+
+# -- the held-out split --------------------------------------------------------------------------------
+
+
+def test_heldout_split_is_deterministic_disjoint_and_order_free() -> None:
+    pairs = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(1000)]
+    train, heldout = split_pairs(pairs, 0.2, seed=1)
+    assert len(train) + len(heldout) == 1000
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in heldout}
+    assert 150 < len(heldout) < 250
+    shuffled = pairs[:]
+    random.Random(0).shuffle(shuffled)
+    assert sorted(p["prompt"] for p in split_pairs(shuffled, 0.2, seed=1)[1]) == sorted(p["prompt"] for p in heldout)
+    assert split_pairs(pairs, 0.2, seed=2)[1] != heldout
+    # A pair given twice lands on one side only.
+    doubled_train, doubled_heldout = split_pairs(pairs + pairs, 0.2, seed=1)
+    assert not {p["prompt"] for p in doubled_train} & {p["prompt"] for p in doubled_heldout}
+
+
+# -- bad data ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n', r":2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\n\n{"prompt": "c"}\n', r':3: missing "response"'),
+        ('["a", "b"]\n', r":1: expected an object"),
+        ('{"prompt": 1, "response": "b"}\n', r':1: "prompt" must be a string'),
+        ("\n\n", r"pairs.jsonl: no prompt/response pairs"),
+    ],
+)
+def test_bad_jsonl_is_a_one_line_error_naming_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataIntegrityError, match=message) as err:
+        load_pairs(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_data_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        STAGE.run(
+            tmp_path / "store", FinetuneConfig(data=str(tmp_path / "nope.jsonl")), {"pretrain": "a", "tokenizer": "b"}
+        )
+
+
+# -- the stage -----------------------------------------------------------------------------------------
+
+
+def publish_tokenizer(store: Store, tokenizer: Tokenizer, version: str = "tok1") -> str:
+    def build(out: Path) -> dict:
+        tokenizer.save(out)
+        return {}
+
+    store.publish("tokenizer", version, build, params={}, inputs={}, code_version="t")
+    return version
+
+
+def publish_tokens(store: Store, tokenizer: Tokenizer, tokenizer_version: str) -> str:
+    pairs = make_pairs()
+    text_ids = []
+    for _ in range(8):
+        for pair in pairs:
+            text_ids += tokenizer.encode(PROMPT_TEMPLATE.format(prompt=pair["prompt"]) + pair["response"])
+            text_ids.append(tokenizer.eot_id)
+    ids = np.array(text_ids, dtype=np.uint16)
+    split = len(ids) * 9 // 10
+
+    def build(out: Path) -> dict:
+        for name, part in (("train", ids[:split]), ("val", ids[split:])):
+            with TokenFileWriter(out / f"{name}.bin", np.dtype(np.uint16)) as writer:
+                writer.write(part)
+        meta = {
+            "dtype": "uint16",
+            "vocab_size": tokenizer.vocab_size,
+            "eot_token": tokenizer.eot_id,
+            "train_tokens": split,
+            "val_tokens": len(ids) - split,
+            "train_docs": 1,
+            "val_docs": 1,
+            "tokenizer_version": tokenizer_version,
+        }
+        (out / "meta.json").write_text(json.dumps(meta))
+        return {}
+
+    store.publish("tokens", "tokens1", build, params={}, inputs={"tokenizer": tokenizer_version}, code_version="t")
+    return "tokens1"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """A store with a char tokenizer, tokens made with it, and a tiny model pretrained on them."""
+    store = Store(tmp_path_factory.mktemp("finetune") / "store")
+    tokenizer_version = publish_tokenizer(store, char_tokenizer())
+    tokens = publish_tokens(store, char_tokenizer(), tokenizer_version)
+    cfg = PretrainConfig(
+        n_layer=2, n_head=2, n_embd=32, block_size=48, batch_size=8, max_steps=60, warmup_steps=5,
+        learning_rate=1e-2, eval_interval=30, eval_steps=2, checkpoint_interval=100, device="cpu",
+    )  # fmt: skip
+    ref = PRETRAIN.run(store.root, cfg, {"tokens": tokens})
+    return store.root, ref.version, tokenizer_version
+
+
+def tiny_finetune_config(data: Path, **overrides) -> FinetuneConfig:
+    values = dict(
+        data=str(data),
+        heldout_fraction=0.2,
+        max_steps=40,
+        warmup_steps=4,
+        learning_rate=3e-3,
+        batch_size=8,
+        eval_interval=20,
+        checkpoint_interval=20,
+        log_interval=5,
+        device="cpu",
+    )
+    return FinetuneConfig(**{**values, **overrides})
+
+
+def test_finetune_stage_publishes_its_files(pretrained: tuple[Path, str, str], tmp_path: Path) -> None:
+    root, pretrain_version, tokenizer_version = pretrained
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs())
+    inputs = {"pretrain": pretrain_version, "tokenizer": tokenizer_version}
+    ref = STAGE.run(root, tiny_finetune_config(data), inputs)
+    store = Store(root)
+    folder = store.path("finetune", ref.version)
+    for name in ("model.pt", "model_config.json", "metrics.jsonl", "heldout.jsonl", "loss.png"):
+        assert (folder / name).is_file(), name
+
+    heldout = [json.loads(line) for line in (folder / "heldout.jsonl").read_text().splitlines()]
+    expected_train, expected_heldout = split_pairs(make_pairs(), 0.2, FinetuneConfig().seed)
+    assert heldout == expected_heldout and heldout
+
+    metrics = store.manifest("finetune", ref.version)["metrics"]
+    assert metrics["pairs_train"] == len(expected_train) and metrics["pairs_heldout"] == len(heldout)
+    assert metrics["heldout_loss_after"] < metrics["heldout_loss_before"]
+    records = read_metrics(folder / "metrics.jsonl")
+    assert [r["step"] for r in records if "val_loss" in r] == [20, 40]
+    assert records[-1]["val_loss"] == pytest.approx(metrics["heldout_loss_after"], rel=1e-5)
+
+    # The version follows the data's content, not its path.
+    moved = write_jsonl(tmp_path / "elsewhere.jsonl", make_pairs())
+    assert STAGE.run(root, tiny_finetune_config(moved), inputs).reused
+    write_jsonl(moved, make_pairs()[:-1])
+    assert (
+        STAGE.version(tiny_finetune_config(moved), inputs, STAGE.identity(tiny_finetune_config(moved))) != ref.version
+    )
+
+
+def test_tokenizer_other_than_the_pretrained_one_is_refused(pretrained: tuple[Path, str, str], tmp_path: Path) -> None:
+    root, pretrain_version, _ = pretrained
+    other = publish_tokenizer(Store(root), char_tokenizer(), version="tok2")
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs())
+    with pytest.raises(
+        ConfigError, match=f"pretrain/{pretrain_version} learned tokens of tokenizer/tok1, not of tokenizer/tok2"
+    ):
+        STAGE.run(root, tiny_finetune_config(data), {"pretrain": pretrain_version, "tokenizer": other})

@@ -1,0 +1,151 @@
+"""Stage pretrain, run through STAGE.run on a fake tokens version."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import load_model
+from model.train import CHECKPOINT, read_metrics
+from storage.errors import DataIntegrityError
+from storage.store import Store
+from storage.tokens import TokenFileWriter
+from tasks.pretrain import STAGE, PretrainConfig
+
+VOCAB = 40  # padded to 64 in the model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models train faster on one thread than on two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def publish_tokens(store: Store, train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int = VOCAB) -> str:
+    def build(out: Path) -> dict:
+        for split, ids in (("train", train_ids), ("val", val_ids)):
+            with TokenFileWriter(out / f"{split}.bin", np.dtype(np.uint16)) as writer:
+                writer.write(ids)
+        meta = {
+            "dtype": "uint16",
+            "vocab_size": vocab_size,
+            "eot_token": vocab_size - 1,
+            "train_tokens": len(train_ids),
+            "val_tokens": len(val_ids),
+            "train_docs": 1,
+            "val_docs": 1,
+            "tokenizer_version": "faketokenizer",
+        }
+        (out / "meta.json").write_text(json.dumps(meta))
+        return {}
+
+    version = f"tokens{len(train_ids)}v{vocab_size}"
+    store.publish("tokens", version, build, params={}, inputs={}, code_version="test")
+    return version
+
+
+def cycle(n: int, period: int = 7) -> np.ndarray:
+    return (np.arange(n) % period).astype(np.uint16)
+
+
+def tiny_config(**overrides) -> PretrainConfig:
+    values = dict(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        batch_size=4,
+        max_steps=20,
+        warmup_steps=2,
+        learning_rate=1e-2,
+        eval_interval=10,
+        eval_steps=2,
+        checkpoint_interval=10,
+        log_interval=5,
+        device="cpu",
+    )
+    return PretrainConfig(**{**values, **overrides})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+def test_pretrain_publishes_the_contract_files_and_is_reused(store: Store) -> None:
+    tokens = publish_tokens(store, cycle(3000), cycle(500))
+    ref = STAGE.run(store.root, tiny_config(), {"tokens": tokens})
+    assert not ref.reused
+    folder = store.path("pretrain", ref.version)
+    for name in ("model.pt", "model_config.json", "metrics.jsonl", "loss.png", "manifest.json"):
+        assert (folder / name).is_file(), name
+
+    records = read_metrics(folder / "metrics.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert all("train_loss" in r for r in records)
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
+
+    model = load_model(folder)
+    assert model.config.vocab_size == 64 and model.config.block_size == 16
+    metrics = store.manifest("pretrain", ref.version)["metrics"]
+    assert metrics["steps"] == 20 and metrics["device"] == "cpu"
+    assert metrics["tokens_seen"] == 20 * 4 * 16
+    assert metrics["params"] == model.num_params()
+    assert metrics["val_loss"] == records[-1]["val_loss"] < 2.0  # well below ln(40): the cycle is being learned
+    assert metrics["best_val_loss"] <= metrics["val_loss"]
+    assert not (store.stage_dir("pretrain") / ".work" / ref.version).exists()  # scratch cleared
+
+    # Same config and tokens: nothing is trained again; runtime fields do not change the version.
+    again = STAGE.run(store.root, tiny_config(progress=True, device="auto"), {"tokens": tokens})
+    assert again.reused and again.version == ref.version
+    assert STAGE.run(store.root, tiny_config(seed=2), {"tokens": tokens}).version != ref.version
+
+
+def test_a_failed_attempt_resumes_from_its_checkpoint(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = publish_tokens(store, cycle(3000), cycle(500))
+
+    def disk_full(folder: Path, model: object) -> None:
+        raise OSError("no space left")
+
+    monkeypatch.setattr("tasks.pretrain.save_model", disk_full)
+    with pytest.raises(OSError, match="no space left"):
+        STAGE.run(store.root, tiny_config(), {"tokens": tokens})
+    version = STAGE.version(tiny_config(), {"tokens": tokens})
+    assert (store.stage_dir("pretrain") / ".work" / version / CHECKPOINT).is_file()
+    assert not store.has("pretrain", version)
+
+    monkeypatch.undo()
+    ref = STAGE.run(store.root, tiny_config(), {"tokens": tokens})
+    metrics = store.manifest("pretrain", ref.version)["metrics"]
+    assert metrics["resumed_from_step"] == 20  # nothing was trained twice
+    assert [r["step"] for r in read_metrics(store.path("pretrain", ref.version) / "metrics.jsonl")] == [5, 10, 15, 20]
+
+
+def test_token_ids_beyond_the_vocabulary_are_refused(store: Store) -> None:
+    train_ids = cycle(3000)
+    train_ids[100] = VOCAB + 3
+    tokens = publish_tokens(store, train_ids, cycle(500))
+    with pytest.raises(DataIntegrityError, match=r"train\.bin: holds token id 43, meta.json says vocab_size 40"):
+        STAGE.run(store.root, tiny_config(), {"tokens": tokens})
+
+
+def test_validation_split_shorter_than_a_block_is_refused(store: Store) -> None:
+    tokens = publish_tokens(store, cycle(3000), cycle(10))
+    with pytest.raises(DataIntegrityError, match=r"val\.bin: holds 10 tokens, fewer than the 17"):
+        STAGE.run(store.root, tiny_config(), {"tokens": tokens})
+
+
+def test_bad_config_lists_every_problem() -> None:
+    with pytest.raises(ValueError) as err:
+        tiny_config(n_embd=30, n_head=4, warmup_steps=50, max_steps=20, min_lr=0.5)
+    message = str(err.value)
+    assert "n_embd (30) must be divisible by n_head (4)" in message
+    assert "warmup_steps (50) must be < max_steps (20)" in message
+    assert "min_lr (0.5) must be <= learning_rate (0.01)" in message
+    with pytest.raises(ValueError, match="device"):
+        tiny_config(device="tpu")
