@@ -1,0 +1,291 @@
+"""Stage `extract`: the OpenWebText layout and its relatives, found by magic bytes, streamed into exact
+Parquet shards; damaged, empty, unknown and hostile archives fail clearly or are handled."""
+
+import bz2
+import gzip
+import hashlib
+import io
+import lzma
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from storage.errors import DataIntegrityError
+from storage.store import Store
+from tasks.extract import STAGE, ExtractConfig, archive_stem, compression_of
+from tasks.sample_data import write_openwebtext_archive
+
+
+def texts(n: int, prefix: str = "doc") -> list[str]:
+    return [
+        f"{prefix} {i}: Some English text, with ünïcödé and a newline.\nLine two of {prefix} {i}." for i in range(n)
+    ]
+
+
+def tar_bytes(members: list[tuple[str, bytes]] | list[tarfile.TarInfo | tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for item in members:
+            if isinstance(item, tarfile.TarInfo):
+                tar.addfile(item)
+                continue
+            name, data = item
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def inner_xz(documents: list[str], first: int = 0) -> bytes:
+    """One `urlsf_subsetNN-M_data.xz` as the real corpus has it."""
+    members = []
+    for i, text in enumerate(documents, start=first):
+        data = text.encode("utf-8")
+        members.append((f"{i:07d}-{hashlib.md5(data).hexdigest()}.txt", data))
+    return lzma.compress(tar_bytes(members))
+
+
+def run_extract(tmp_path: Path, files: dict[str, bytes], **cfg):
+    """Publish `files` as a download version, then extract it."""
+    store = Store(tmp_path / "store")
+
+    def build(out: Path) -> dict:
+        (out / "archives").mkdir()
+        for name, data in files.items():
+            (out / "archives" / name).write_bytes(data)
+        return {}
+
+    version = "dl-" + hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()[:8]
+    store.publish("download", version, build, params={}, inputs={}, code_version="test")
+    return STAGE.run(store.root, ExtractConfig(**cfg), {"download": version})
+
+
+def read_docs(tmp_path: Path, ref) -> pa.Table:
+    folder = Store(tmp_path / "store").path("extract", ref.version) / "docs"
+    return pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
+
+
+def metrics(tmp_path: Path, ref) -> dict:
+    return Store(tmp_path / "store").manifest("extract", ref.version)["metrics"]
+
+
+def nothing_published(tmp_path: Path) -> bool:
+    return Store(tmp_path / "store").latest("extract") is None
+
+
+def test_real_openwebtext_layout_round_trips_exactly_into_shards(tmp_path):
+    documents = [(f"d{i}", text) for i, text in enumerate(texts(25))]
+    archive = write_openwebtext_archive(documents, tmp_path / "openwebtext.tar.xz", docs_per_subset=10)
+    ref = run_extract(tmp_path, {"openwebtext.tar.xz": archive.read_bytes()}, shard_docs=10)
+    table = read_docs(tmp_path, ref)
+    assert table.schema.names == ["doc_id", "text", "source", "member", "n_bytes"]
+    assert [table.schema.field(n).type for n in table.schema.names] == [pa.string()] * 4 + [pa.int64()]
+    assert table.column("text").to_pylist() == [text for _, text in documents]
+    assert table.column("n_bytes").to_pylist() == [len(text.encode("utf-8")) for _, text in documents]
+    ids = table.column("doc_id").to_pylist()
+    assert len(set(ids)) == len(ids) == 25
+    first = hashlib.md5(documents[0][1].encode("utf-8")).hexdigest()
+    assert ids[0] == f"urlsf_subset00-1_data/0000000-{first}"
+    assert table.column("member").to_pylist()[0] == f"0000000-{first}.txt"
+    assert set(table.column("source").to_pylist()) == {"openwebtext.tar.xz"}
+    shards = sorted((Store(tmp_path / "store").path("extract", ref.version) / "docs").iterdir())
+    assert [p.name for p in shards] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert [pq.read_metadata(p).num_rows for p in shards] == [10, 10, 5]
+    assert pq.read_metadata(shards[0]).row_group(0).column(1).compression == "ZSTD"
+    m = metrics(tmp_path, ref)
+    assert (m["docs"], m["shards"], m["inner_archives"], m["skipped"]) == (25, 3, 3, [])
+    assert m["bytes"] == sum(len(text.encode("utf-8")) for _, text in documents)
+
+
+def test_plain_outer_tar_of_inner_archives(tmp_path):
+    outer = tar_bytes(
+        [
+            ("openwebtext/urlsf_subset00-1_data.xz", inner_xz(texts(3, "a"))),
+            ("openwebtext/urlsf_subset00-2_data.xz", inner_xz(texts(2, "b"), first=3)),
+        ]
+    )
+    ref = run_extract(tmp_path, {"urlsf_subset00.tar": outer})
+    table = read_docs(tmp_path, ref)
+    assert table.column("text").to_pylist() == texts(3, "a") + texts(2, "b")
+    assert {i.split("/")[0] for i in table.column("doc_id").to_pylist()} == {
+        "urlsf_subset00-1_data",
+        "urlsf_subset00-2_data",
+    }
+    assert metrics(tmp_path, ref)["inner_archives"] == 2
+
+
+@pytest.mark.parametrize(
+    "name, pack",
+    [
+        ("urlsf_subset03-7_data.xz", lzma.compress),
+        ("docs.tar", lambda data: data),
+        ("docs.tar.gz", gzip.compress),
+        ("docs.tar.bz2", bz2.compress),
+        ("docs.tar.zst", lambda data: zstandard.ZstdCompressor().compress(data)),
+    ],
+)
+def test_a_single_tar_of_documents_in_every_supported_compression(tmp_path, name, pack):
+    archive = pack(tar_bytes([(f"{i}.txt", t.encode()) for i, t in enumerate(texts(4))]))
+    ref = run_extract(tmp_path, {name: archive})
+    table = read_docs(tmp_path, ref)
+    assert table.column("text").to_pylist() == texts(4)
+    assert table.column("doc_id").to_pylist() == [f"{archive_stem(name)}/{i}" for i in range(4)]
+    assert metrics(tmp_path, ref)["inner_archives"] == 0
+
+
+def test_formats_are_found_by_magic_bytes_not_names(tmp_path):
+    # an inner archive called .txt, inside a download called .txt that is really an xz-compressed tar
+    outer = lzma.compress(tar_bytes([("notes.txt", inner_xz(texts(2)))]))
+    ref = run_extract(tmp_path, {"readme.txt": outer})
+    assert read_docs(tmp_path, ref).column("text").to_pylist() == texts(2)
+    assert metrics(tmp_path, ref)["inner_archives"] == 1
+    assert compression_of(b"\xfd7zXZ\x00rest") == "xz" and compression_of(b"plain text") is None
+
+
+@pytest.mark.parametrize(
+    "name, pack",
+    [
+        ("cut.tar.gz", gzip.compress),
+        ("cut.tar.bz2", bz2.compress),
+        ("cut.tar.zst", lambda data: zstandard.ZstdCompressor().compress(data)),
+    ],
+)
+def test_truncated_compressed_streams_are_errors(tmp_path, name, pack):
+    whole = pack(tar_bytes([(f"{i}.txt", t.encode()) for i, t in enumerate(texts(200))]))
+    with pytest.raises(DataIntegrityError, match=f"{name}: truncated or corrupt"):
+        run_extract(tmp_path, {name: whole[: len(whole) - 30]})
+    assert nothing_published(tmp_path)
+
+
+def test_truncated_outer_xz_names_the_archive_and_publishes_nothing(tmp_path):
+    archive = write_openwebtext_archive([("a", t) for t in texts(50)], tmp_path / "o.tar.xz", docs_per_subset=10)
+    data = archive.read_bytes()
+    with pytest.raises(DataIntegrityError, match=r"openwebtext\.tar\.xz.*truncated or corrupt") as caught:
+        run_extract(tmp_path, {"openwebtext.tar.xz": data[: len(data) // 2]})
+    assert "\n" not in str(caught.value)
+    assert nothing_published(tmp_path)
+
+
+def damaged_outer() -> bytes:
+    good = inner_xz(texts(3, "good"))
+    bad = inner_xz(texts(3, "bad"), first=3)
+    return tar_bytes(
+        [
+            ("openwebtext/urlsf_subset00-1_data.xz", good),
+            ("openwebtext/urlsf_subset00-2_data.xz", bad[: len(bad) - 40]),  # truncated inner xz
+            ("openwebtext/urlsf_subset00-3_data.xz", inner_xz(texts(2, "also good"), first=6)),
+        ]
+    )
+
+
+def test_truncated_inner_xz_names_archive_and_member(tmp_path):
+    with pytest.raises(DataIntegrityError) as caught:
+        run_extract(tmp_path, {"urlsf_subset00.tar": damaged_outer()})
+    assert "urlsf_subset00.tar: openwebtext/urlsf_subset00-2_data.xz: truncated or corrupt" in str(caught.value)
+    assert nothing_published(tmp_path)
+
+
+def test_skip_corrupt_keeps_the_good_inner_archives(tmp_path):
+    ref = run_extract(tmp_path, {"urlsf_subset00.tar": damaged_outer()}, skip_corrupt=True)
+    assert read_docs(tmp_path, ref).column("text").to_pylist() == texts(3, "good") + texts(2, "also good")
+    [skipped] = metrics(tmp_path, ref)["skipped"]
+    assert skipped["archive"] == "urlsf_subset00.tar"
+    assert skipped["member"] == "openwebtext/urlsf_subset00-2_data.xz"
+    assert skipped["docs_dropped"] + skipped["docs_kept"] <= 3 and skipped["error"]
+
+
+def test_a_tar_cut_at_a_member_boundary_is_not_taken_for_complete(tmp_path):
+    whole = tar_bytes([(f"{i}.txt", t.encode()) for i, t in enumerate(texts(3))])
+    for cut in (2 * 512, 2 * 512 + 300):  # after the first member's data; inside the second header
+        with pytest.raises(DataIntegrityError, match="docs.tar: truncated or corrupt.*end-of-archive"):
+            run_extract(tmp_path / str(cut), {"docs.tar": whole[:cut]})
+
+
+def test_non_utf8_document_survives_with_replacement_characters_and_is_counted(tmp_path):
+    bad = b"caf\xe9 au lait \xff"  # Latin-1 bytes, not UTF-8
+    ref = run_extract(tmp_path, {"docs.tar": tar_bytes([("good.txt", b"fine text"), ("bad.txt", bad)])})
+    table = read_docs(tmp_path, ref)
+    assert table.column("text").to_pylist() == ["fine text", "caf\ufffd au lait \ufffd"]
+    assert table.column("n_bytes").to_pylist() == [9, len("caf\ufffd au lait \ufffd".encode("utf-8"))]
+    assert metrics(tmp_path, ref)["invalid_utf8_docs"] == 1
+
+
+def test_empty_and_unknown_archives_are_clear_errors(tmp_path):
+    cases = {
+        "empty.tar": (tar_bytes([]), "empty.tar: the archive holds no documents"),
+        "zero.xz": (b"", "zero.xz: empty file"),
+        "notes.xz": (b"just some text, not an archive" * 20, "notes.xz: unknown archive format"),
+        "blank.tar": (tar_bytes([("a.txt", b""), ("b.txt", b"")]), "blank.tar: the archive holds no documents"),
+        "notar.xz": (lzma.compress(b"compressed, but not a tar" * 50), "notar.xz: truncated or corrupt"),
+    }
+    for name, (data, message) in cases.items():
+        with pytest.raises(DataIntegrityError, match=message):
+            run_extract(tmp_path / name, {name: data})
+        assert nothing_published(tmp_path / name)
+
+
+def test_hostile_and_odd_members_are_data_only(tmp_path):
+    link = tarfile.TarInfo("link.txt")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    folder = tarfile.TarInfo("dir")
+    folder.type = tarfile.DIRTYPE
+    device = tarfile.TarInfo("dev.txt")
+    device.type = tarfile.CHRTYPE
+    members = [
+        ("../../etc/passwd", b"root:x:0:0"),
+        ("/abs/path.txt", b"absolute"),
+        folder,
+        link,
+        device,
+        ("dir/../same.txt", b"first same"),
+        ("same.txt", b"second same"),
+        ("empty.txt", b""),
+    ]
+    ref = run_extract(tmp_path, {"docs.tar": tar_bytes(members)})
+    table = read_docs(tmp_path, ref)
+    assert table.column("member").to_pylist() == ["../../etc/passwd", "/abs/path.txt", "dir/../same.txt", "same.txt"]
+    ids = table.column("doc_id").to_pylist()
+    assert ids == ["docs/etc/passwd", "docs/abs/path", "docs/dir/same", "docs/same"]
+    m = metrics(tmp_path, ref)
+    assert m["unsafe_members"] == 3
+    assert m["unsafe_member_names"] == ["../../etc/passwd", "/abs/path.txt", "dir/../same.txt"]
+    assert (m["non_file_members"], m["empty_members"]) == (3, 1)
+    written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}
+    assert written == {"store"}  # nothing was extracted anywhere
+
+
+def test_doc_ids_stay_unique_when_names_repeat(tmp_path):
+    inner = tar_bytes([("a.txt", b"one"), ("a.txt", b"two"), ("./a.txt", b"three")])
+    outer = tar_bytes([("x/data.tar", inner), ("y/data.tar", inner)])
+    ref = run_extract(tmp_path, {"outer.tar": outer, "data.tar": inner})
+    ids = read_docs(tmp_path, ref).column("doc_id").to_pylist()
+    assert ids == ["data/a", "data/a~2", "data/a~3", "data~2/a", "data~2/a~2", "data~2/a~3"] + [
+        "data~3/a",
+        "data~3/a~2",
+        "data~3/a~3",
+    ]
+
+
+def test_max_docs_stops_early(tmp_path):
+    archive = write_openwebtext_archive([("a", t) for t in texts(30)], tmp_path / "o.tar.xz", docs_per_subset=7)
+    ref = run_extract(tmp_path, {"openwebtext.tar.xz": archive.read_bytes()}, max_docs=12, shard_docs=5)
+    assert read_docs(tmp_path, ref).column("text").to_pylist() == texts(12)
+    assert (metrics(tmp_path, ref)["docs"], metrics(tmp_path, ref)["max_docs_reached"]) == (12, True)
+
+
+def test_same_input_reuses_the_version(tmp_path):
+    files = {"docs.tar": tar_bytes([("a.txt", b"text")])}
+    first = run_extract(tmp_path, files)
+    again = run_extract(tmp_path, files)
+    assert again.version == first.version and again.reused
+
+
+def test_config_bounds():
+    with pytest.raises(ValueError, match="shard_docs"):
+        ExtractConfig(shard_docs=0)
+    with pytest.raises(ValueError, match="max_docs"):
+        ExtractConfig(max_docs=0)
