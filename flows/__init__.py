@@ -1,0 +1,1 @@
+"""Orchestration only: Prefect flows, their parameters, presets and the command line."""

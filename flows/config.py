@@ -1,0 +1,201 @@
+"""The pipeline's settings: one pydantic model holding every stage's config (a form in the Prefect UI),
+the presets, and settings files laid over a preset.
+
+Presets:
+    tiny   a laptop CPU in minutes: the embedded default corpus, a 4-layer, 128-wide GPT, BPE 2k
+    small  one GPU, hours: a 6-layer, 384-wide GPT on some OpenWebText subsets, BPE 16k
+    gpt2   GPT-2 small (124M parameters) on all of OpenWebText, the nanoGPT recipe
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from storage.errors import ConfigError
+from tasks.clean import CleanConfig
+from tasks.dedup import DedupConfig
+from tasks.download import DownloadConfig, Source
+from tasks.evaluate import EvaluateConfig
+from tasks.extract import ExtractConfig
+from tasks.finetune import FinetuneConfig
+from tasks.pretrain import PretrainConfig
+from tasks.quantize import QuantizeConfig
+from tasks.tokenizer import TokenizerConfig
+from tasks.tokens import TokensConfig
+
+Preset = Literal["tiny", "small", "gpt2"]
+
+# The download settings other than the sources, which the pipeline takes separately (they default to the
+# embedded corpus, and `--source` replaces them).
+DownloadOptions = create_model(
+    "DownloadOptions",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (field.annotation, field) for name, field in DownloadConfig.model_fields.items() if name != "sources"},
+)
+
+
+class PipelineConfig(BaseModel):
+    """Every stage's settings. Unset fields keep each stage's documented default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[Source] = Field(
+        default_factory=list,
+        description="Archives to process (http, https, file:// or a path). Empty: the embedded default corpus.",
+    )
+    download: DownloadOptions = Field(default_factory=DownloadOptions)  # type: ignore[valid-type]
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokens: TokensConfig = Field(default_factory=TokensConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    def with_sources(self, sources: list[str]) -> "PipelineConfig":
+        return self.model_copy(update={"sources": [Source(url=url) for url in sources]})
+
+    def stage_config(self, stage: str) -> BaseModel:
+        if stage == "download":
+            return DownloadConfig(sources=self.sources, **self.download.model_dump())
+        return getattr(self, stage)
+
+
+# Each preset is a set of overrides on the stages' defaults, so that a default changed in a stage module is
+# picked up by every preset that does not pin it.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        # Shards of 250 documents so that the default corpus (~1,700 documents) is cleaned in parallel.
+        "extract": {"shard_docs": 250},
+        "clean": {"workers": 2},
+        "dedup": {"workers": 2},
+        # A tenth for validation: the default corpus is small, and 5% would be only ~75 documents.
+        "tokenizer": {"kind": "bpe", "vocab_size": 2048, "split": {"val_fraction": 0.1}},
+        "pretrain": {
+            "n_layer": 4,
+            "n_head": 4,
+            "n_embd": 128,
+            "block_size": 128,
+            "batch_size": 16,
+            "max_steps": 600,
+            "warmup_steps": 50,
+            "learning_rate": 2e-3,
+            "min_lr": 2e-4,
+            "eval_interval": 100,
+            "eval_steps": 10,
+            "checkpoint_interval": 100,
+            "progress": True,
+        },
+        "finetune": {"max_steps": 150, "eval_interval": 50, "checkpoint_interval": 50, "progress": True},
+        "quantize": {"eval_tokens": 32_768},
+        "evaluate": {"eval_tokens": 65_536},
+    },
+    "small": {
+        "extract": {"shard_docs": 20_000},
+        "clean": {"workers": 8},
+        "dedup": {"workers": 8},
+        "tokenizer": {"kind": "bpe", "vocab_size": 16_384, "max_train_docs": 500_000},
+        "pretrain": {
+            "n_layer": 6,
+            "n_head": 6,
+            "n_embd": 384,
+            "block_size": 256,
+            "dropout": 0.0,
+            "batch_size": 64,
+            "grad_accum_steps": 4,
+            "max_steps": 5_000,
+            "learning_rate": 6e-4,
+            "min_lr": 6e-5,
+            "warmup_steps": 200,
+            "beta2": 0.95,
+            "eval_interval": 250,
+            "eval_steps": 50,
+            "checkpoint_interval": 250,
+            "compile": True,
+            "progress": True,
+        },
+        "finetune": {"max_steps": 1_000, "batch_size": 32, "progress": True},
+        "quantize": {"eval_tokens": 262_144},
+        "evaluate": {"eval_tokens": 1_048_576},
+    },
+    # nanoGPT's GPT-2 (124M) recipe on OpenWebText: ~0.5M tokens per step (12 x 1024 x 40), 600k steps.
+    "gpt2": {
+        "extract": {"shard_docs": 50_000},
+        "clean": {"workers": 16},
+        "dedup": {"workers": 16},
+        "tokenizer": {"kind": "bpe", "vocab_size": 50_257, "max_train_docs": 2_000_000},
+        "pretrain": {
+            "n_layer": 12,
+            "n_head": 12,
+            "n_embd": 768,
+            "block_size": 1024,
+            "dropout": 0.0,
+            "bias": True,
+            "batch_size": 12,
+            "grad_accum_steps": 40,
+            "max_steps": 600_000,
+            "learning_rate": 6e-4,
+            "min_lr": 6e-5,
+            "warmup_steps": 2_000,
+            "weight_decay": 0.1,
+            "beta2": 0.95,
+            "eval_interval": 1_000,
+            "eval_steps": 200,
+            "checkpoint_interval": 1_000,
+            "compile": True,
+            "progress": True,
+        },
+        "finetune": {"max_steps": 2_000, "batch_size": 32, "progress": True},
+        "quantize": {"eval_tokens": 1_048_576},
+        "evaluate": {"eval_tokens": 4_194_304},
+    },
+}
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def preset_config(preset: str) -> PipelineConfig:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PipelineConfig.model_validate(PRESETS[preset])
+
+
+def read_settings_file(path: Path) -> dict[str, Any]:
+    """A YAML or JSON file of settings (JSON is YAML, so one parser reads both)."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such settings file") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML or JSON ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of stage names to settings, got {type(data).__name__}")
+    return data
+
+
+def load_config(preset: str, path: Path | None = None) -> PipelineConfig:
+    """The preset's settings with the file's laid over them, validated together."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    overlay = read_settings_file(path) if path else {}
+    return PipelineConfig.model_validate(deep_merge(PRESETS[preset], overlay))
+
+
+def dump_config(config: PipelineConfig) -> str:
+    return json.dumps(config.model_dump(mode="json"), indent=2)

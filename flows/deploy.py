@@ -1,0 +1,34 @@
+"""Serving the deployments from one process, for the Prefect UI without a work pool (`gptflow serve`).
+
+Teams with a work pool use deployments/prefect.yaml instead; both declare the same two deployments.
+"""
+
+from pathlib import Path
+
+from prefect import serve as prefect_serve
+
+from flows.pipeline import pipeline
+
+NIGHTLY_CRON = "0 2 * * *"
+
+
+def build_deployments(storage: str, cron: str = NIGHTLY_CRON) -> list:
+    storage = str(Path(storage).expanduser().resolve())  # runs may start in another working directory
+    on_demand = pipeline.to_deployment(
+        name="pipeline",
+        description="The whole pipeline, or part of it (selection: only / from_stage / until / force).",
+        parameters={"storage": storage, "preset": "tiny"},
+        tags=["gptflow"],
+    )
+    nightly = pipeline.to_deployment(
+        name="nightly-retrain",
+        description="Nightly: re-checks the sources and retrains what changed; unchanged stages are cached.",
+        parameters={"storage": storage, "preset": "tiny"},
+        cron=cron,
+        tags=["gptflow", "nightly"],
+    )
+    return [on_demand, nightly]
+
+
+def serve(storage: str, cron: str = NIGHTLY_CRON) -> None:
+    prefect_serve(*build_deployments(storage, cron))

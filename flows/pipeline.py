@@ -1,0 +1,77 @@
+"""The gptflow pipeline as one Prefect flow. The body only orders stages; the work lives in tasks/.
+
+Every stage task is cached on its version id, so a rerun after a failure recomputes only the failed stage
+and the ones after it, and a rerun with nothing changed computes nothing.
+"""
+
+import uuid
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from tasks.sample_data import ensure_sample_archive
+
+from flows.config import PipelineConfig, Preset, preset_config
+from flows.plan import StageSelection, plan_stages
+from storage.store import StageRef, Store
+from tasks import clean, dedup, download, evaluate, extract, finetune, pretrain, quantize, tokenizer, tokens
+from tasks.runs import RunRecorder
+from tasks.stage import result_storage
+
+STAGES = {
+    module.STAGE.name: (module.STAGE, getattr(module, f"{module.STAGE.name}_task"))
+    for module in (download, extract, clean, dedup, tokenizer, tokens, pretrain, finetune, quantize, evaluate)
+}
+
+
+@flow(name="gptflow-pipeline", description="Archives to an evaluated, quantized GPT; every stage versioned.")
+def pipeline(
+    storage: str = "storage",
+    preset: Preset = "tiny",
+    sources: list[str] | None = None,
+    config: PipelineConfig | None = None,
+    selection: StageSelection | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline (or the selected part of it) and return the run record."""
+    log = get_run_logger()
+    store = Store(storage)
+    selection = selection or StageSelection()
+    cfg = config or preset_config(preset)
+    plan = plan_stages(selection, {name: stage.inputs for name, (stage, _) in STAGES.items()})
+    if "download" in plan.run:
+        cfg = cfg.with_sources(sources or [str(ensure_sample_archive(store.root / ".sources"))])
+    run_id = str(flow_run.id or uuid.uuid4())
+    recorder = RunRecorder(
+        store, run_id, flow_run_name=flow_run.name, preset=None if config else preset, plan=list(plan.run)
+    )
+
+    refs: dict[str, StageRef] = {}
+    for name in plan.from_store:
+        refs[name] = StageRef(name, store.require_latest(name), reused=True)
+        recorder.stage(refs[name], "latest")
+    for name in plan.run:
+        stage, stage_task = STAGES[name]
+        state = stage_task.with_options(result_storage=result_storage(storage))(
+            str(store.root),
+            cfg.stage_config(name),
+            {input_name: refs[input_name] for input_name in stage.inputs},
+            force=name in selection.force,
+            return_state=True,
+        )
+        if not state.is_completed():
+            error = state.result(raise_on_failure=False)
+            error = error if isinstance(error, BaseException) else RuntimeError(f"{name} ended {state.name}")
+            recorder.failed(name, error)
+            raise error
+        refs[name] = state.result()
+        status = "cached" if state.name == "Cached" else ("reused" if refs[name].reused else "ran")
+        recorder.stage(refs[name], status)
+        log.info("%-9s %s  %s", name, refs[name].version, status)
+    return recorder.completed(summary=summarize(store, refs))
+
+
+def summarize(store: Store, refs: dict[str, StageRef]) -> dict[str, Any]:
+    """The few numbers a person wants at the end of a run: the evaluation's headline metrics."""
+    if "evaluate" not in refs:
+        return {}
+    return store.manifest("evaluate", refs["evaluate"].version)["metrics"]

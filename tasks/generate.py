@@ -1,0 +1,72 @@
+"""Sampling text from a model in the store (`gptflow generate`)."""
+
+from pathlib import Path
+
+import torch
+
+from model.checkpoint import load_model
+from model.gpt import GPT
+from model.tokenizer import Tokenizer
+from storage.errors import StoreError
+from storage.store import Store
+
+MODEL_STAGES = ("pretrain", "finetune", "quantize")
+
+
+def find_tokenizer(store: Store, stage: str, version: str) -> Path:
+    """Walk a model's lineage back to the tokenizer it was trained with."""
+    todo, seen = [(stage, version)], set()
+    while todo:
+        stage, version = todo.pop()
+        if stage == "tokenizer":
+            return store.path(stage, version) / "tokenizer.json"
+        if (stage, version) in seen:
+            continue
+        seen.add((stage, version))
+        todo.extend(store.manifest(stage, version)["inputs"].items())
+    raise StoreError(f"no tokenizer in the lineage of {stage}/{version}")
+
+
+def load_store_model(store: Store, which: str, device: str = "cpu") -> tuple[GPT, Tokenizer, str]:
+    """`which` is a model stage (its latest version) or a version id; returns (model, tokenizer, stage/version)."""
+    if which in MODEL_STAGES:
+        stage, version = which, store.require_latest(which)
+    else:
+        stage, version = store.find(which)
+        if stage not in MODEL_STAGES:
+            raise StoreError(f"{stage}/{version} is not a model (pick a version of {', '.join(MODEL_STAGES)})")
+    folder = store.path(stage, version)
+    if stage == "quantize":
+        from model.quantize import load_quantized
+
+        model = load_quantized(folder, device)
+    else:
+        model = load_model(folder, device)
+    return model, Tokenizer.load(find_tokenizer(store, stage, version)), f"{stage}/{version}"
+
+
+def generate_text(
+    storage: str | Path,
+    which: str,
+    prompt: str,
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+    num_samples: int = 1,
+    device: str = "cpu",
+) -> list[str]:
+    model, tokenizer, _ = load_store_model(Store(storage), which, device)
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
+    out = model.generate(
+        idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator, stop_token=tokenizer.eot_id
+    )
+    texts = []
+    for row in out.tolist():
+        if tokenizer.eot_id in row[len(ids) :]:
+            row = row[: len(ids) + row[len(ids) :].index(tokenizer.eot_id)]
+        texts.append(tokenizer.decode(row))
+    return texts

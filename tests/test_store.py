@@ -1,0 +1,197 @@
+"""The versioned store: version ids, atomic publish (also under a killed writer), manifests, locks, gc."""
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from storage.errors import StoreError, TransientError
+from storage.store import Store, sha256_file, version_id
+
+
+def write_files(files: dict[str, bytes]):
+    def build(out: Path) -> dict:
+        for name, data in files.items():
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            (out / name).write_bytes(data)
+        return {"files_written": len(files)}
+
+    return build
+
+
+def publish(store: Store, stage: str, version: str, files: dict[str, bytes], inputs=None, **kw) -> bool:
+    return store.publish(
+        stage, version, write_files(files), params={"p": 1}, inputs=inputs or {}, code_version="c0", **kw
+    )
+
+
+def test_version_id_depends_on_every_ingredient():
+    base = version_id("clean", "code1", {"min_words": 50}, {"extract": "abc"})
+    assert base == version_id("clean", "code1", {"min_words": 50}, {"extract": "abc"})
+    assert len(base) == 12
+    others = {
+        version_id("dedup", "code1", {"min_words": 50}, {"extract": "abc"}),
+        version_id("clean", "code2", {"min_words": 50}, {"extract": "abc"}),
+        version_id("clean", "code1", {"min_words": 51}, {"extract": "abc"}),
+        version_id("clean", "code1", {"min_words": 50}, {"extract": "abd"}),
+        version_id("clean", "code1", {"min_words": 50}, {"extract": "abc"}, identity={"etag": "x"}),
+    }
+    assert base not in others and len(others) == 5
+    # Key order of the parameters is irrelevant.
+    assert version_id("s", "c", {"a": 1, "b": 2}, {}) == version_id("s", "c", {"b": 2, "a": 1}, {})
+
+
+def test_publish_writes_manifest_files_and_latest(tmp_path):
+    store = Store(tmp_path)
+    assert publish(store, "extract", "v1", {"docs/a.parquet": b"abc", "x.txt": b"hello"})
+    manifest = store.manifest("extract", "v1")
+    assert {"stage", "version", "created_at", "params", "inputs", "code_version", "files", "metrics", "prefect"} <= set(
+        manifest
+    )
+    assert manifest["files"]["docs/a.parquet"]["bytes"] == 3
+    assert manifest["files"]["x.txt"]["sha256"] == sha256_file(tmp_path / "extract" / "v1" / "x.txt")
+    assert manifest["metrics"] == {"files_written": 2}
+    assert store.latest("extract") == "v1"
+    assert [m["version"] for m in store.versions("extract")] == ["v1"]
+    # Nothing temporary is left beside the version.
+    assert sorted(p.name for p in (tmp_path / "extract").iterdir()) == [".locks", "latest", "v1"]
+
+
+def test_publish_is_idempotent_and_replace_rebuilds(tmp_path):
+    store = Store(tmp_path)
+    assert publish(store, "s", "v1", {"a": b"1"})
+    assert not publish(store, "s", "v1", {"a": b"2"})
+    assert (tmp_path / "s" / "v1" / "a").read_bytes() == b"1"
+    assert publish(store, "s", "v1", {"a": b"2"}, replace=True)
+    assert (tmp_path / "s" / "v1" / "a").read_bytes() == b"2"
+    assert store.manifest("s", "v1")["files"]["a"]["bytes"] == 1
+
+
+def test_failed_build_leaves_nothing_and_keeps_older_versions(tmp_path):
+    store = Store(tmp_path)
+    publish(store, "s", "good", {"a": b"1"})
+
+    def broken(out: Path) -> dict:
+        (out / "half").write_bytes(b"partial")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        store.publish("s", "bad", broken, params={}, inputs={}, code_version="c")
+    assert not store.has("s", "bad")
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "s").iterdir())
+    assert store.latest("s") == "good"
+
+
+def test_missing_input_is_refused(tmp_path):
+    with pytest.raises(StoreError, match="extract/nope"):
+        publish(Store(tmp_path), "clean", "v1", {"a": b""}, inputs={"extract": "nope"})
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from storage.store import Store
+
+    def build(out: Path) -> dict:
+        (out / "part-1").write_bytes(b"x" * 1000)
+        Path(sys.argv[2]).write_text("halfway")
+        time.sleep(60)  # killed here
+        (out / "part-2").write_bytes(b"y")
+        return {}
+
+    Store(sys.argv[1]).publish("s", "v1", build, params={}, inputs={}, code_version="c")
+    """
+)
+
+
+def test_killed_writer_leaves_no_partial_version_and_a_rerun_completes(tmp_path):
+    store_dir, marker = tmp_path / "store", tmp_path / "halfway"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store_dir), str(marker)], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "writer exited early"
+            assert time.monotonic() < deadline, "writer never got halfway"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    store = Store(store_dir)
+    assert not store.has("s", "v1")
+    assert not (store_dir / "s" / "v1").exists()
+    assert store.latest("s") is None
+    # The kernel released the dead writer's lock: a rerun publishes the whole version and sweeps the leftover.
+    assert publish(store, "s", "v1", {"part-1": b"x", "part-2": b"y"})
+    assert sorted(store.manifest("s", "v1")["files"]) == ["part-1", "part-2"]
+    assert not any(p.name.startswith(".tmp") for p in (store_dir / "s").iterdir())
+
+
+def _hold_lock(root: str, started, release) -> None:
+    with Store(root).lock("s", "v1"):
+        started.set()
+        release.wait(30)
+
+
+def test_lock_serialises_writers_across_processes(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    started, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path), started, release))
+    holder.start()
+    try:
+        assert started.wait(60)
+        with pytest.raises(TransientError, match="being built by another run"):
+            with Store(tmp_path).lock("s", "v1", timeout=0.3):
+                pass
+        release.set()
+        holder.join(30)
+        with Store(tmp_path).lock("s", "v1", timeout=5):
+            pass
+    finally:
+        release.set()
+        holder.join(5)
+        if holder.is_alive():
+            holder.kill()
+
+
+def test_latest_ignores_a_pointer_to_a_missing_version(tmp_path):
+    store = Store(tmp_path)
+    publish(store, "s", "v1", {"a": b"1"})
+    (tmp_path / "s" / "latest").write_text("gone\n")
+    assert store.latest("s") is None
+    with pytest.raises(StoreError, match="no complete version of stage 's'"):
+        store.require_latest("s")
+
+
+def test_runs_find_and_gc_keep_lineage(tmp_path):
+    store = Store(tmp_path)
+    publish(store, "a", "old", {"f": b"0"})
+    publish(store, "a", "a1", {"f": b"1"})
+    publish(store, "b", "b1", {"f": b"2"}, inputs={"a": "a1"})
+    publish(store, "b", "b2", {"f": b"3"}, inputs={"a": "old"})
+    store.set_latest("b", "b1")
+    store.write_run("r1", {"started_at": "2026-01-01", "stages": {"a": {"version": "a1"}, "b": {"version": "b1"}}})
+    assert json.loads((tmp_path / "runs" / "r1.json").read_text())["stages"]["b"]["version"] == "b1"
+    assert store.find("b2") == ("b", "b2")
+    with pytest.raises(StoreError):
+        store.find("zzz")
+    assert sorted(store.gc(keep_runs=1, dry_run=True)) == ["a/old", "b/b2"]
+    assert store.has("b", "b2")
+    assert sorted(store.gc(keep_runs=1)) == ["a/old", "b/b2"]
+    assert not store.has("a", "old") and not store.has("b", "b2")
+    assert store.has("a", "a1") and store.has("b", "b1")
+
+
+@pytest.mark.parametrize("bad", ["", "../x", ".hidden", "a/b"])
+def test_bad_names_are_refused(tmp_path, bad):
+    with pytest.raises(ValueError):
+        Store(tmp_path).path(bad or "s", bad)
