@@ -9,13 +9,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from tasks.sample_data import ensure_sample_archive
 
 from flows.config import PipelineConfig, Preset, preset_config
 from flows.plan import StageSelection, plan_stages
 from storage.store import StageRef, Store
 from tasks import clean, dedup, download, evaluate, extract, finetune, pretrain, quantize, tokenizer, tokens
 from tasks.runs import RunRecorder
+from tasks.sample_data import default_source_dir, ensure_sample_archive
 from tasks.stage import result_storage
 
 STAGES = {
@@ -38,8 +38,10 @@ def pipeline(
     selection = selection or StageSelection()
     cfg = config or preset_config(preset)
     plan = plan_stages(selection, {name: stage.inputs for name, (stage, _) in STAGES.items()})
-    if "download" in plan.run:
-        cfg = cfg.with_sources(sources or [str(ensure_sample_archive(store.root / ".sources"))])
+    if sources:
+        cfg = cfg.with_sources(sources)
+    if "download" in plan.run and not cfg.sources:
+        cfg = cfg.with_sources([str(ensure_sample_archive(default_source_dir()))])
     run_id = str(flow_run.id or uuid.uuid4())
     recorder = RunRecorder(
         store, run_id, flow_run_name=flow_run.name, preset=None if config else preset, plan=list(plan.run)

@@ -337,6 +337,16 @@ def ensure_sample_archive(folder: Path) -> Path:
     return dest
 
 
+def default_source_dir() -> Path:
+    """Where the pipeline keeps the generated default archive: `$GPTFLOW_CACHE`, else `~/.cache/gptflow`.
+
+    Outside the store on purpose: the store holds stages and run records only; the archive is an input,
+    which the download stage copies into the store like any other source.
+    """
+    base = os.environ.get("GPTFLOW_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "gptflow"
+    return Path(base).expanduser() / "default-corpus"
+
+
 if __name__ == "__main__":
     # The fresh interpreter of `_in_fresh_interpreter`: the answer goes to stdout as ASCII JSON.
     _builders = {"documents": _corpus_documents_here, "pairs": _finetune_pairs_here}

@@ -156,8 +156,9 @@ def retry_transient_only(task_: Any, task_run: Any, state: Any) -> bool:
 
 
 def result_storage(storage: str | Path) -> Path:
-    """Prefect's result records live inside the store, so that a store and its cache go together."""
-    return Store(storage).root / ".prefect" / "results"
+    """Prefect's result records live inside the store (beside the run records, so that the store's top level
+    holds only stages and `runs/`): a store and its cache go together."""
+    return Store(storage).root / "runs" / ".prefect-results"
 
 
 def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:

@@ -197,3 +197,17 @@ def test_selection_rejects_contradictions():
         StageSelection(only="tokens", until="pretrain")
     with pytest.raises(ValueError, match="comes after"):
         StageSelection(from_stage="pretrain", until="tokens")
+
+
+def test_default_source_is_the_embedded_corpus(prefect_harness, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    storage = tmp_path / "store"
+    record = pipeline(storage=str(storage), config=config(), selection=StageSelection(until="extract"))
+    assert statuses(record) == {"download": "ran", "extract": "ran"}
+    store = Store(storage)
+    archive = tmp_path / "cache" / "default-corpus" / "openwebtext.tar.xz"
+    download = store.manifest("download", store.latest("download"))
+    assert download["metrics"]["sources"][0]["url"] == str(archive)
+    assert store.manifest("extract", store.latest("extract"))["metrics"]["docs"] == len(default_corpus_documents())
+    # The store's top level holds stages and run records only (the storage contract).
+    assert sorted(p.name for p in storage.iterdir()) == ["download", "extract", "runs"]
