@@ -31,6 +31,39 @@ class TextTokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+def read_pairs(path: Path, allow_empty: bool = False) -> list[dict[str, str]]:
+    """Prompt/response pairs of a JSONL file; a bad line is a DataIntegrityError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataIntegrityError(f"fine-tuning data {path} does not exist")
+    pairs = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataIntegrityError(f"{where}: not UTF-8 text") from None
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataIntegrityError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(item, dict):
+            raise DataIntegrityError(
+                f'{where}: expected an object with "prompt" and "response", got {type(item).__name__}'
+            )
+        for key in ("prompt", "response"):
+            if key not in item:
+                raise DataIntegrityError(f'{where}: missing "{key}"')
+            if not isinstance(item[key], str):
+                raise DataIntegrityError(f'{where}: "{key}" must be a string, got {type(item[key]).__name__}')
+        pairs.append({"prompt": item["prompt"], "response": item["response"]})
+    if not pairs and not allow_empty:
+        raise DataIntegrityError(f"{path}: no prompt/response pairs")
+    return pairs
+
+
 def encode_pair(tokenizer: TextTokenizer, prompt: str, response: str, block_size: int) -> Example:
     """(inputs, labels) of one pair: labels[i] is the token after inputs[i] where that token belongs to the
     response (or is the closing end-of-text), and IGNORE_INDEX where it belongs to the prompt."""

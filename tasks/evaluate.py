@@ -5,7 +5,6 @@ perplexity, bits_per_byte, heldout_loss and its store version; the unigram basel
 samples), `report.md` (the same as a table, and the samples), `val_loss.png` and `curves.png`.
 """
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -17,11 +16,11 @@ from pydantic import Field, model_validator
 
 from model.checkpoint import load_model
 from model.evaluate import bits_per_byte, eval_loss, perplexity, unigram_loss
-from model.finetune import response_loss
+from model.finetune import read_pairs, response_loss
 from model.gpt import GPT
 from model.quantize import load_quantized
 from model.tokenizer import Tokenizer
-from model.train import resolve_device
+from model.train import read_metrics, resolve_device
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import atomic_write_json, atomic_write_text
 from storage.tokens import META, open_tokens, read_meta
@@ -90,32 +89,9 @@ class EvaluateConfig(StageConfig):
 # -- reading inputs ---------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON-lines file; a line that is not a JSON object is a data error naming it."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataIntegrityError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(record, dict):
-                raise DataIntegrityError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return records
-
-
 def read_heldout(path: Path, limit: int) -> list[dict[str, str]]:
     """The first `limit` held-out {"prompt", "response"} pairs (none when the file is absent)."""
-    if not path.is_file():
-        return []
-    pairs = read_jsonl(path)
-    for number, pair in enumerate(pairs, start=1):
-        if not isinstance(pair.get("prompt"), str) or not isinstance(pair.get("response"), str):
-            raise DataIntegrityError(f"{path}: record {number} lacks a string 'prompt' and 'response'")
-    return pairs[:limit]
+    return read_pairs(path, allow_empty=True)[:limit] if path.is_file() else []
 
 
 def byte_counts(meta: dict[str, Any], tokens_dir: Path) -> tuple[int, int]:
@@ -260,7 +236,7 @@ def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]]) -> None:
 
 def read_curve(folder: Path) -> list[dict[str, Any]]:
     path = folder / METRICS
-    return read_jsonl(path) if path.is_file() else []
+    return read_metrics(path) if path.is_file() else []
 
 
 # -- the stage --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from model.checkpoint import load_model, save_model
-from model.finetune import finetune, response_loss, split_pairs
+from model.finetune import finetune, read_pairs, response_loss, split_pairs
 from model.tokenizer import FILENAME, Tokenizer
 from model.train import METRICS, plot_losses, resolve_device
 from storage.errors import ConfigError, DataIntegrityError
@@ -69,41 +69,8 @@ def _default_pairs() -> tuple[dict[str, str], ...]:
     return tuple(default_finetune_pairs())
 
 
-def load_pairs(path: Path) -> list[dict[str, str]]:
-    """Prompt/response pairs of a JSONL file; a bad line is a DataIntegrityError naming file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"fine-tuning data {path} does not exist")
-    pairs = []
-    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
-        where = f"{path}:{number}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise DataIntegrityError(f"{where}: not UTF-8 text") from None
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataIntegrityError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(item, dict):
-            raise DataIntegrityError(
-                f'{where}: expected an object with "prompt" and "response", got {type(item).__name__}'
-            )
-        for key in ("prompt", "response"):
-            if key not in item:
-                raise DataIntegrityError(f'{where}: missing "{key}"')
-            if not isinstance(item[key], str):
-                raise DataIntegrityError(f'{where}: "{key}" must be a string, got {type(item[key]).__name__}')
-        pairs.append({"prompt": item["prompt"], "response": item["response"]})
-    if not pairs:
-        raise DataIntegrityError(f"{path}: no prompt/response pairs")
-    return pairs
-
-
 def finetune_pairs(cfg: FinetuneConfig) -> list[dict[str, str]]:
-    return load_pairs(Path(cfg.data)) if cfg.data else list(_default_pairs())
+    return read_pairs(Path(cfg.data)) if cfg.data else list(_default_pairs())
 
 
 def data_identity(cfg: FinetuneConfig) -> dict[str, str]:

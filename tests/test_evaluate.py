@@ -239,7 +239,7 @@ def test_evaluate_rejects_tokens_of_another_tokenizer(tmp_path: Path, trained: t
 
 def test_evaluate_names_a_corrupt_heldout_line(tmp_path: Path, trained: tuple[GPT, GPT]) -> None:
     inputs = publish_inputs(tmp_path / "store", *trained, heldout=[{"prompt": "x", "response": "y"}, "oops"])
-    with pytest.raises(DataIntegrityError, match=r"heldout.jsonl:2: expected a JSON object"):
+    with pytest.raises(DataIntegrityError, match=r"heldout.jsonl:2: expected an object"):
         EVALUATE.run(tmp_path / "store", small_cfg(), inputs)
 
 

@@ -9,14 +9,22 @@ import pytest
 import torch
 
 from model.data import ExampleBatches
-from model.finetune import IGNORE_INDEX, PROMPT_TEMPLATE, encode_pair, encode_pairs, response_loss, split_pairs
+from model.finetune import (
+    IGNORE_INDEX,
+    PROMPT_TEMPLATE,
+    encode_pair,
+    encode_pairs,
+    read_pairs,
+    response_loss,
+    split_pairs,
+)
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import EOT, Tokenizer, train_char
 from model.train import read_metrics
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
 from storage.tokens import TokenFileWriter
-from tasks.finetune import STAGE, FinetuneConfig, load_pairs
+from tasks.finetune import STAGE, FinetuneConfig
 from tasks.pretrain import STAGE as PRETRAIN
 from tasks.pretrain import PretrainConfig
 
@@ -132,7 +140,7 @@ def test_bad_jsonl_is_a_one_line_error_naming_file_and_line(tmp_path: Path, cont
     path = tmp_path / "pairs.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(DataIntegrityError, match=message) as err:
-        load_pairs(path)
+        read_pairs(path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 

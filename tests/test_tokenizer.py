@@ -1,9 +1,8 @@
 import json
 import random
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from builders import publish_dedup
 
 from model.tokenizer import EOT, FILENAME, Tokenizer, train_bpe, train_char
 from storage.errors import DataIntegrityError
@@ -122,20 +121,6 @@ def test_loading_a_broken_file_is_a_clear_error(tmp_path):
 
 
 # -- the stage ------------------------------------------------------------------------------------------
-
-
-def publish_dedup(root, shards, version="dedup-v1"):
-    def build(out):
-        (out / "docs").mkdir()
-        for i, rows in enumerate(shards):
-            table = pa.table(
-                {"doc_id": [d for d, _ in rows], "text": [t for _, t in rows]},
-                schema=pa.schema([("doc_id", pa.string()), ("text", pa.string())]),
-            )
-            pq.write_table(table, out / "docs" / f"shard-{i:05d}.parquet")
-
-    Store(root).publish("dedup", version, build, params={}, inputs={}, code_version="test")
-    return version
 
 
 def doc_ids(n, val):

@@ -1,9 +1,9 @@
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from builders import publish_dedup
 
 from model.tokenizer import FILENAME, Tokenizer, train_char
 from storage.errors import ConfigError, DataIntegrityError
@@ -20,20 +20,6 @@ WORDS = ["data", "flows", "through", "a", "pipeline", "into", "tokens", "ünïco
 def make_docs(n):
     rng = np.random.default_rng(0)
     return [(f"doc-{i}", " ".join(rng.choice(WORDS, size=5 + i % 9)) + ".") for i in range(n)]
-
-
-def publish_dedup(root, shards, version="dedup-v1"):
-    def build(out):
-        (out / "docs").mkdir()
-        for i, rows in enumerate(shards):
-            table = pa.table(
-                {"doc_id": [d for d, _ in rows], "text": [t for _, t in rows]},
-                schema=pa.schema([("doc_id", pa.string()), ("text", pa.string())]),
-            )
-            pq.write_table(table, out / "docs" / f"shard-{i:05d}.parquet")
-
-    Store(root).publish("dedup", version, build, params={}, inputs={}, code_version="test")
-    return version
 
 
 def build_tokens(root, shards, kind="bpe", tokens_cfg=None, split=SPLIT):
