@@ -152,6 +152,7 @@ def finetune(
     *,
     metrics_path: Path | None = None,
     log: Callable[[str], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
     identity: Any = None,
 ) -> tuple[TrainResult, dict[str, int]]:
     """Fine-tune `model` in place; the loop's val_loss is the held-out response loss.
@@ -175,6 +176,7 @@ def finetune(
         checkpoint_dir,
         metrics_path=metrics_path,
         log=log,
+        on_record=on_record,
         identity=identity,
         ignore_index=IGNORE_INDEX,
     )

@@ -316,12 +316,14 @@ def train(
     *,
     metrics_path: Path | None = None,
     log: Callable[[str], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
     identity: Any = None,
     ignore_index: int = -100,
 ) -> TrainResult:
     """Train `model` in place on `source` until cfg.max_steps, resuming from checkpoint_dir when it holds a
     checkpoint of the same model, config and `identity` (a description of the data); another config's
-    checkpoint is refused. metrics.jsonl (default: in checkpoint_dir) ends with one record per logged step.
+    checkpoint is refused. metrics.jsonl (default: in checkpoint_dir) ends with one record per logged step;
+    `on_record` sees each record as it is logged (progress displays).
     """
     log = log or _logger.info
     checkpoint_dir = Path(checkpoint_dir)
@@ -402,6 +404,8 @@ def train(
                 records.append(record)
                 metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
                 metrics_file.flush()
+                if on_record is not None:
+                    on_record(record)
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 line = f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e}"
                 line += f" | {record['tokens_per_s']:.0f} tok/s"

@@ -126,7 +126,15 @@ def build(ctx: StageContext, cfg: FinetuneConfig) -> dict[str, Any]:
 
     before = heldout_loss()
     result, counts = finetune(
-        model, tokenizer, train_pairs, heldout, train_cfg, ctx.work, metrics_path=ctx.work / METRICS, log=ctx.log.info
+        model,
+        tokenizer,
+        train_pairs,
+        heldout,
+        train_cfg,
+        ctx.work,
+        metrics_path=ctx.work / METRICS,
+        log=ctx.log.info,
+        on_record=lambda record: ctx.progress(record["step"] / cfg.max_steps),
     )
     after = heldout_loss()
     if counts["dropped_truncated"]:

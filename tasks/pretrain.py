@@ -163,7 +163,15 @@ def build(ctx: StageContext, cfg: PretrainConfig) -> dict[str, Any]:
         meta["vocab_size"],
         model_config.vocab_size,
     )
-    result = train(model, source, cfg.train_config(), ctx.work, metrics_path=ctx.work / METRICS, log=ctx.log.info)
+    result = train(
+        model,
+        source,
+        cfg.train_config(),
+        ctx.work,
+        metrics_path=ctx.work / METRICS,
+        log=ctx.log.info,
+        on_record=lambda record: ctx.progress(record["step"] / cfg.max_steps),
+    )
 
     save_model(ctx.out, model)
     shutil.copyfile(ctx.work / METRICS, ctx.out / METRICS)

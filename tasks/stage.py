@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from storage.errors import GptflowError, StoreError, TransientError
 from storage.fingerprint import code_fingerprint
 from storage.store import StageRef, Store, version_id
+from tasks.artifacts import ProgressArtifact, publish_summary
 
 
 class StageConfig(BaseModel):
@@ -47,6 +48,8 @@ class StageContext:
     out: Path  # the temporary folder that becomes the version
     log: logging.Logger | logging.LoggerAdapter
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Fraction done (0..1) of a long stage; shown in the Prefect UI when the stage runs as a task.
+    progress: Callable[[float], None] = field(default=lambda fraction: None)
 
     def input_path(self, stage: str) -> Path:
         return self.store.path(stage, self.inputs[stage])
@@ -93,6 +96,7 @@ class Stage:
         force: bool = False,
         prefect: dict[str, Any] | None = None,
         log: logging.Logger | logging.LoggerAdapter | None = None,
+        progress: Callable[[float], None] | None = None,
     ) -> StageRef:
         """Build this stage's version for `cfg` and `inputs` unless the store already has it."""
         if not isinstance(cfg, self.config):
@@ -109,6 +113,8 @@ class Stage:
 
         def build(out: Path) -> dict[str, Any]:
             ctx = StageContext(store, self.name, version, versions, out, log)
+            if progress is not None:
+                ctx.progress = progress
             metrics = self.build(ctx, cfg) or {}
             return {**ctx.metrics, **metrics}
 
@@ -208,7 +214,13 @@ def stage_task(
         from prefect.runtime import flow_run, task_run
 
         ids = {"flow_run_id": str(flow_run.id or ""), "task_run_id": str(task_run.id or "")}
-        return stage.run(storage, cfg, inputs or {}, force=force, prefect=ids, log=get_run_logger())
+        log = get_run_logger()
+        ref = stage.run(
+            storage, cfg, inputs or {}, force=force, prefect=ids, log=log, progress=ProgressArtifact(stage.name, log)
+        )
+        if not ref.reused:
+            publish_summary(Store(storage), ref, log)
+        return ref
 
     run.__name__ = run.__qualname__ = stage.name
     run.__module__ = stage.module

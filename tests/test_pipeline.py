@@ -211,3 +211,20 @@ def test_default_source_is_the_embedded_corpus(prefect_harness, tmp_path, monkey
     assert store.manifest("extract", store.latest("extract"))["metrics"]["docs"] == len(default_corpus_documents())
     # The store's top level holds stages and run records only (the storage contract).
     assert sorted(p.name for p in storage.iterdir()) == ["download", "extract", "runs"]
+
+
+def test_the_ui_shows_training_progress_and_each_versions_summary(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    storage, record = first_run
+    keys = ["evaluate-version", "pretrain-version", "pretrain-progress", "finetune-progress"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    first = {a.key: a for a in sorted(artifacts, key=lambda a: a.created) if str(a.flow_run_id) == record["run_id"]}
+    assert set(first) == set(keys)
+    assert float(first["pretrain-progress"].data) == 100.0
+    report = first["evaluate-version"].data
+    assert record["stages"]["evaluate"]["version"] in report
+    assert "| model |" in report and "data:image/png;base64," in report  # the report and its plots
+    assert "val_loss" in first["pretrain-version"].data

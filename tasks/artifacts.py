@@ -1,0 +1,94 @@
+"""What a stage shows in the Prefect UI: a progress bar while it runs and, once published, a summary of
+its version (metrics, lineage, and its report and plots where it has them).
+
+Artifacts are for people watching; a failure to create one is logged and never fails the stage.
+"""
+
+import base64
+import logging
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from storage.store import StageRef, Store
+
+# PNGs are embedded as data URIs and stored in Prefect's database: keep each one small.
+MAX_EMBEDDED_PNG_BYTES = 300_000
+
+
+class ProgressArtifact:
+    """A progress artifact per stage run, created on the first update and moved in whole-percent steps."""
+
+    def __init__(self, stage: str, log: logging.Logger | logging.LoggerAdapter) -> None:
+        self.stage = stage
+        self.log = log
+        self.artifact_id: Any = None
+        self.percent = -1.0
+        self.broken = False
+
+    def __call__(self, fraction: float) -> None:
+        percent = float(round(100 * min(max(fraction, 0.0), 1.0)))
+        if self.broken or percent <= self.percent:
+            return
+        self.percent = percent
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(
+                    progress=percent, key=f"{self.stage}-progress", description=f"{self.stage}: fraction done"
+                )
+            else:
+                update_progress_artifact(self.artifact_id, progress=percent)
+        except Exception as exc:  # the UI is a view: a server hiccup must not stop training
+            self.broken = True
+            self.log.warning("progress artifact for %s not updated: %s", self.stage, exc)
+
+
+def _scalar_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(_scalar_rows(value, f"{name}."))
+        elif isinstance(value, bool | int | str) or value is None:
+            rows.append((name, value))
+        elif isinstance(value, float):
+            rows.append((name, f"{value:.6g}"))
+    return rows
+
+
+def summary_markdown(store: Store, ref: StageRef) -> str:
+    manifest = store.manifest(ref.stage, ref.version)
+    folder = store.path(ref.stage, ref.version)
+    inputs = ", ".join(f"`{stage}/{version}`" for stage, version in manifest["inputs"].items()) or "none"
+    total = sum(info["bytes"] for info in manifest["files"].values())
+    lines = [
+        f"# {ref.stage} `{ref.version}`",
+        "",
+        f"- inputs: {inputs}",
+        f"- code version: `{manifest['code_version']}`",
+        f"- files: {len(manifest['files'])} ({total:,} bytes) in `{folder}`",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in _scalar_rows(manifest["metrics"])),
+    ]
+    report = folder / "report.md"
+    if report.is_file():
+        lines += ["", report.read_text(encoding="utf-8")]
+    for png in sorted(folder.glob("*.png")):
+        if png.stat().st_size <= MAX_EMBEDDED_PNG_BYTES:
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            lines += ["", f"![{png.stem}](data:image/png;base64,{data})"]
+    return "\n".join(lines) + "\n"
+
+
+def publish_summary(store: Store, ref: StageRef, log: logging.Logger | logging.LoggerAdapter) -> None:
+    """A markdown artifact keyed by stage: the UI keeps every version of it, newest first."""
+    try:
+        create_markdown_artifact(
+            markdown=summary_markdown(store, ref),
+            key=f"{ref.stage}-version",
+            description=f"{ref.stage}/{ref.version}: metrics, lineage, report and plots",
+        )
+    except Exception as exc:  # the UI is a view: the version is published whatever happens here
+        log.warning("summary artifact for %s/%s not created: %s", ref.stage, ref.version, exc)
