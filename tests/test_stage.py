@@ -1,0 +1,143 @@
+"""The stage framework: version ids, reuse, forced rebuilds, the cache key, and which errors are retried."""
+
+import errno
+import json
+from pathlib import Path
+from typing import Literal
+
+import pytest
+from prefect import flow
+
+from storage.errors import ConfigError, DataIntegrityError, StoreError, TransientError
+from storage.store import StageRef, Store
+from tasks.stage import Stage, StageConfig, cache_key, is_transient, result_storage, stage_task
+
+
+class CountingConfig(StageConfig):
+    RUNTIME_FIELDS = frozenset({"workers"})
+
+    counter: str  # a file counting build attempts
+    value: int = 1
+    workers: int = 1
+    fail_times: int = 0
+    error: Literal["transient", "data", "disk_full"] = "transient"
+
+
+def counting_build(ctx, cfg: CountingConfig) -> dict:
+    counter = Path(cfg.counter)
+    attempts = int(counter.read_text()) + 1 if counter.exists() else 1
+    counter.write_text(str(attempts))
+    (ctx.out / "value.json").write_text(json.dumps({"value": cfg.value, "attempt": attempts}))
+    if attempts <= cfg.fail_times:
+        if cfg.error == "transient":
+            raise TransientError(f"attempt {attempts}: the server is busy")
+        if cfg.error == "disk_full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise DataIntegrityError(f"attempt {attempts}: archive x.tar.xz is truncated")
+    return {"attempts": attempts}
+
+
+COUNTING = Stage(name="counting", module="tasks.stage", config=CountingConfig, build=counting_build)
+counting_task = stage_task(COUNTING, retries=3, backoff_seconds=0.0)
+DOWNSTREAM = Stage(
+    name="downstream", module="tasks.stage", config=CountingConfig, build=counting_build, inputs=("counting",)
+)
+
+
+def attempts(cfg: CountingConfig) -> int:
+    return int(Path(cfg.counter).read_text())
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (TransientError("busy"), True),
+        (ConnectionResetError("reset"), True),
+        (TimeoutError("slow"), True),
+        (DataIntegrityError("truncated"), False),
+        (ConfigError("bad"), False),
+        (StoreError("missing"), False),
+        (ValueError("bad"), False),
+        (OSError(errno.ENOSPC, "full"), False),
+        (None, False),
+    ],
+)
+def test_only_transient_errors_are_retried(error, transient):
+    assert is_transient(error) is transient
+
+
+def test_reuse_force_and_runtime_fields(tmp_path):
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    first = COUNTING.run(tmp_path / "store", cfg)
+    assert not first.reused and attempts(cfg) == 1
+    again = COUNTING.run(tmp_path / "store", cfg.model_copy(update={"workers": 8}))
+    assert again == StageRef("counting", first.version, reused=True) and attempts(cfg) == 1
+    forced = COUNTING.run(tmp_path / "store", cfg, force=True)
+    assert forced.version == first.version and not forced.reused and attempts(cfg) == 2
+    folder = Store(tmp_path / "store").path("counting", first.version)
+    assert json.loads((folder / "value.json").read_text())["attempt"] == 2
+    other = COUNTING.run(tmp_path / "store", cfg.model_copy(update={"value": 2}))
+    assert other.version != first.version
+
+
+def test_inputs_are_part_of_the_version_and_must_match_the_stage(tmp_path):
+    store_dir = tmp_path / "store"
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    a = COUNTING.run(store_dir, cfg)
+    b = COUNTING.run(store_dir, cfg.model_copy(update={"value": 2}))
+    on_a = DOWNSTREAM.run(store_dir, cfg, {"counting": a})
+    on_b = DOWNSTREAM.run(store_dir, cfg, {"counting": b.version})
+    assert on_a.version != on_b.version
+    assert Store(store_dir).manifest("downstream", on_b.version)["inputs"] == {"counting": b.version}
+    with pytest.raises(ValueError, match="expects inputs"):
+        DOWNSTREAM.run(store_dir, cfg, {})
+    with pytest.raises(StoreError, match="counting/nope"):
+        DOWNSTREAM.run(store_dir, cfg, {"counting": "nope"})
+
+
+def test_a_full_disk_is_one_clear_error_and_publishes_nothing(tmp_path):
+    cfg = CountingConfig(counter=str(tmp_path / "n"), fail_times=1, error="disk_full")
+    with pytest.raises(StoreError, match="no space left on the device holding") as raised:
+        COUNTING.run(tmp_path / "store", cfg)
+    assert "\n" not in str(raised.value)
+    assert Store(tmp_path / "store").versions("counting") == []
+    assert not COUNTING.run(tmp_path / "store", cfg).reused  # once there is room, the rerun completes
+
+
+def test_cache_key_is_the_version_and_drops_a_stale_record(tmp_path):
+    storage = tmp_path / "store"
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    params = {"storage": str(storage), "cfg": cfg, "inputs": {}, "force": False}
+    key = cache_key(COUNTING)(None, params)
+    version = COUNTING.version(cfg, {})
+    assert key == f"gptflow-counting-{version}"
+    # A record left by a version that has since been removed from the store must not be served.
+    record = result_storage(storage) / key
+    record.parent.mkdir(parents=True)
+    record.write_text("stale")
+    assert cache_key(COUNTING)(None, params) == key and not record.exists()
+    COUNTING.run(storage, cfg)
+    record.write_text("current")
+    assert cache_key(COUNTING)(None, params) == key and record.exists()
+    assert cache_key(COUNTING)(None, {**params, "force": True}) is None
+
+
+@flow
+def run_counting(storage: str, cfg: CountingConfig) -> tuple[bool, object]:
+    """(completed?, the task's result or its exception): a failed task inside, a completed flow outside."""
+    state = counting_task(storage, cfg, {}, return_state=True)
+    return state.is_completed(), state.result(raise_on_failure=False)
+
+
+@pytest.mark.slow
+def test_prefect_retries_transient_faults_and_fails_bad_data_at_once(prefect_harness, tmp_path):
+    flaky = CountingConfig(counter=str(tmp_path / "flaky"), fail_times=2, error="transient")
+    completed, ref = run_counting(str(tmp_path / "store"), flaky)
+    assert completed and attempts(flaky) == 3
+    assert Store(tmp_path / "store").has("counting", ref.version)
+
+    corrupt = CountingConfig(counter=str(tmp_path / "corrupt"), fail_times=5, error="data", value=2)
+    completed, error = run_counting(str(tmp_path / "store"), corrupt)
+    assert not completed and attempts(corrupt) == 1
+    assert isinstance(error, DataIntegrityError) and "x.tar.xz is truncated" in str(error)
+    assert Store(tmp_path / "store").latest("counting") == COUNTING.version(flaky, {})
