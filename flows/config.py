@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from storage.errors import ConfigError
 from tasks.clean import CleanConfig
@@ -44,7 +44,8 @@ class PipelineConfig(BaseModel):
 
     sources: list[Source] = Field(
         default_factory=list,
-        description="Archives to process (http, https, file:// or a path). Empty: the embedded default corpus.",
+        description="Archives to process (http, https, file:// or a path; a plain string is a URL). Empty: the "
+        "embedded default corpus.",
     )
     download: DownloadOptions = Field(default_factory=DownloadOptions)  # type: ignore[valid-type]
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
@@ -56,6 +57,13 @@ class PipelineConfig(BaseModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _plain_urls(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"url": item} if isinstance(item, str) else item for item in value]
+        return value
 
     def with_sources(self, sources: list[str]) -> "PipelineConfig":
         return self.model_copy(update={"sources": [Source(url=url) for url in sources]})

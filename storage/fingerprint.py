@@ -12,6 +12,10 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("flows", "tasks", "model", "storage")
+# Plumbing every stage imports that cannot change a stage's output: how versions are published, retried
+# and shown in the UI. Left out so that a fix there does not invalidate every stored version (a week of
+# training included). A module that computes anything a stage writes never belongs here.
+PLUMBING = frozenset({"tasks.stage", "tasks.artifacts", "tasks.runs", "storage.fingerprint"})
 
 
 def _module_file(root: Path, name: str) -> Path | None:
@@ -53,8 +57,9 @@ def _imports(root: Path, path: Path) -> set[str]:
     return found
 
 
-def module_closure(module: str, root: Path = PROJECT_ROOT) -> list[Path]:
-    """Every project source file that `module` runs: itself and its transitive project imports."""
+def module_closure(module: str, root: Path = PROJECT_ROOT, plumbing: frozenset[str] = PLUMBING) -> list[Path]:
+    """Every project source file that `module` runs: itself and its transitive project imports, less the
+    `plumbing` modules (and what only they import) unless `module` is one of them."""
     start = _module_file(root, module)
     if start is None:
         raise ValueError(f"{module!r} is not a module of this project under {root}")
@@ -62,7 +67,7 @@ def module_closure(module: str, root: Path = PROJECT_ROOT) -> list[Path]:
     todo = [module]
     while todo:
         name = todo.pop()
-        if name in seen:
+        if name in seen or (name in plumbing and name != module):
             continue
         path = _module_file(root, name)
         if path is None:
@@ -73,10 +78,10 @@ def module_closure(module: str, root: Path = PROJECT_ROOT) -> list[Path]:
 
 
 @cache
-def code_fingerprint(module: str, root: Path = PROJECT_ROOT) -> str:
+def code_fingerprint(module: str, root: Path = PROJECT_ROOT, plumbing: frozenset[str] = PLUMBING) -> str:
     """A short hash of the sources in `module_closure(module)`, stable across machines and checkouts."""
     digest = hashlib.sha256()
-    for path in module_closure(module, root):
+    for path in module_closure(module, root, plumbing):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(b"\0")
         digest.update(path.read_bytes())

@@ -119,6 +119,7 @@ class Stage:
             return {**ctx.metrics, **metrics}
 
         log.info("building %s/%s", self.name, version)
+        before = store.manifest(self.name, version)["files"] if force and store.has(self.name, version) else None
         try:
             built = store.publish(
                 self.name,
@@ -135,6 +136,13 @@ class Stage:
                 raise StoreError(f"{self.name}: no space left on the device holding {store.root}") from exc
             raise
         store.clear_work(self.name, version)
+        if before is not None and before != store.manifest(self.name, version)["files"]:
+            log.warning(
+                "the forced rebuild of %s/%s changed its files; versions built from it keep the old ones "
+                "until they are forced too",
+                self.name,
+                version,
+            )
         log.info("%s/%s %s", self.name, version, "published" if built else "was published by another run")
         return StageRef(self.name, version, reused=not built)
 

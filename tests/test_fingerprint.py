@@ -38,6 +38,23 @@ def test_changing_a_helper_changes_the_fingerprint(tmp_path):
     assert code_fingerprint("tasks.stage_b", tmp_path) != before
 
 
-def test_real_stage_fingerprint_covers_the_store():
-    files = {p.name for p in module_closure("tasks.stage")}
-    assert {"stage.py", "store.py", "fingerprint.py", "errors.py"} <= files
+def test_plumbing_is_left_out_but_not_what_it_alone_would_hide(tmp_path):
+    make_project(tmp_path)
+    (tmp_path / "tasks" / "frame.py").write_text("from model import unrelated\n")
+    (tmp_path / "tasks" / "stage_c.py").write_text("from tasks import frame\nfrom model.helpers import f\n")
+    plumbing = frozenset({"tasks.frame"})
+    names = {p.relative_to(tmp_path).as_posix() for p in module_closure("tasks.stage_c", tmp_path, plumbing)}
+    assert "tasks/frame.py" not in names and "model/unrelated.py" not in names
+    assert "model/helpers.py" in names
+    before = code_fingerprint("tasks.stage_c", tmp_path, plumbing)
+    (tmp_path / "tasks" / "frame.py").write_text("from model import unrelated  # reworded\n")
+    code_fingerprint.cache_clear()
+    assert code_fingerprint("tasks.stage_c", tmp_path, plumbing) == before
+
+
+def test_real_stages_cover_their_helpers_and_skip_the_plumbing():
+    clean = {p.relative_to(p.parents[1]).as_posix() for p in module_closure("tasks.clean")}
+    assert {"tasks/clean.py", "tasks/shards.py", "storage/errors.py"} <= clean
+    assert not clean & {"tasks/stage.py", "tasks/artifacts.py"}
+    pretrain = {p.relative_to(p.parents[1]).as_posix() for p in module_closure("tasks.pretrain")}
+    assert {"model/gpt.py", "model/train.py", "model/data.py", "storage/tokens.py"} <= pretrain

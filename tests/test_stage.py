@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -66,14 +67,16 @@ def test_only_transient_errors_are_retried(error, transient):
     assert is_transient(error) is transient
 
 
-def test_reuse_force_and_runtime_fields(tmp_path):
+def test_reuse_force_and_runtime_fields(tmp_path, caplog):
     cfg = CountingConfig(counter=str(tmp_path / "n"))
     first = COUNTING.run(tmp_path / "store", cfg)
     assert not first.reused and attempts(cfg) == 1
     again = COUNTING.run(tmp_path / "store", cfg.model_copy(update={"workers": 8}))
     assert again == StageRef("counting", first.version, reused=True) and attempts(cfg) == 1
-    forced = COUNTING.run(tmp_path / "store", cfg, force=True)
+    with caplog.at_level(logging.WARNING):
+        forced = COUNTING.run(tmp_path / "store", cfg, force=True)
     assert forced.version == first.version and not forced.reused and attempts(cfg) == 2
+    assert "changed its files" in caplog.text  # value.json records the attempt: the bytes differ
     folder = Store(tmp_path / "store").path("counting", first.version)
     assert json.loads((folder / "value.json").read_text())["attempt"] == 2
     other = COUNTING.run(tmp_path / "store", cfg.model_copy(update={"value": 2}))

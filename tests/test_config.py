@@ -1,0 +1,79 @@
+"""Presets and settings files: every preset is valid, files are laid over presets, mistakes are named."""
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from flows.config import PRESETS, PipelineConfig, load_config, preset_config
+from model.gpt import GPT, GPTConfig
+from storage.errors import ConfigError
+from tasks.pretrain import padded_vocab_size
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_validates_and_names_every_stage(preset):
+    cfg = preset_config(preset)
+    for stage in ("extract", "clean", "dedup", "tokenizer", "tokens", "pretrain", "finetune", "quantize", "evaluate"):
+        assert cfg.stage_config(stage) is getattr(cfg, stage)
+    assert cfg.sources == []  # the embedded default unless sources are given
+
+
+def test_gpt2_preset_is_gpt2_small():
+    cfg = preset_config("gpt2")
+    p = cfg.pretrain
+    model_cfg = GPTConfig(
+        vocab_size=padded_vocab_size(cfg.tokenizer.vocab_size),
+        block_size=p.block_size,
+        n_layer=p.n_layer,
+        n_head=p.n_head,
+        n_embd=p.n_embd,
+        bias=p.bias,
+    )
+    with torch.device("meta"):  # counts parameters without allocating them
+        params = GPT(model_cfg).num_params()
+    assert 123e6 < params < 125e6
+    # nanoGPT's ~0.5M tokens per optimizer step.
+    assert p.batch_size * p.block_size * p.grad_accum_steps == 491_520
+
+
+def test_tiny_preset_is_sized_for_a_cpu():
+    cfg = preset_config("tiny")
+    assert cfg.pretrain.n_layer * cfg.pretrain.n_embd <= 1024 and not cfg.pretrain.compile
+
+
+def test_settings_file_is_laid_over_the_preset(tmp_path):
+    path = tmp_path / "settings.yaml"
+    path.write_text("pretrain:\n  max_steps: 70\ntokenizer:\n  kind: char\nsources:\n  - /data/a.tar\n")
+    cfg = load_config("tiny", path)
+    assert cfg.pretrain.max_steps == 70
+    assert cfg.pretrain.n_embd == PRESETS["tiny"]["pretrain"]["n_embd"]  # the rest of the preset stays
+    assert cfg.tokenizer.kind == "char"
+    assert cfg.stage_config("download").sources[0].url == "/data/a.tar"
+    json_path = tmp_path / "settings.json"
+    json_path.write_text(json.dumps({"clean": {"min_words": 3}}))
+    assert load_config("small", json_path).clean.min_words == 3
+
+
+def test_mistakes_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="no such settings file"):
+        load_config("tiny", tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("pretrain: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML or JSON"):
+        load_config("tiny", broken)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("pretrain:\n  n_layers: 3\n")
+    with pytest.raises(ValidationError, match="n_layers"):
+        load_config("tiny", typo)
+    with pytest.raises(ValidationError):
+        PipelineConfig.model_validate({"pretrain": {"n_embd": 100, "n_head": 3}})
+
+
+def test_sources_replace_but_do_not_leak_between_configs():
+    base = preset_config("tiny")
+    with_source = base.with_sources(["https://example.org/a.tar.xz"])
+    assert base.sources == [] and with_source.stage_config("download").sources[0].url.startswith("https://")
