@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument(
+        "--instruction", action="store_true", help="wrap the prompt in the fine-tuning template; print the answer"
+    )
 
     serve = sub.add_parser("serve", help="serve the pipeline and nightly deployments to a Prefect server")
     serve.add_argument("--storage", default=default_storage())
@@ -149,6 +152,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
         num_samples=args.num_samples,
+        instruction=args.instruction,
     ):
         print(text)
         print("-" * 40)

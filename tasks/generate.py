@@ -5,6 +5,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import load_model
+from model.finetune import PROMPT_TEMPLATE
 from model.gpt import GPT
 from model.tokenizer import Tokenizer
 from storage.errors import StoreError
@@ -56,9 +57,13 @@ def generate_text(
     seed: int = 0,
     num_samples: int = 1,
     device: str = "cpu",
+    instruction: bool = False,
 ) -> list[str]:
+    """Samples continuing `prompt`; with `instruction`, the prompt is wrapped in the fine-tuning template
+    and only the response is returned."""
     model, tokenizer, _ = load_store_model(Store(storage), which, device)
-    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    text = PROMPT_TEMPLATE.format(prompt=prompt) if instruction else prompt
+    ids = tokenizer.encode(text) or [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     out = model.generate(
@@ -68,5 +73,5 @@ def generate_text(
     for row in out.tolist():
         if tokenizer.eot_id in row[len(ids) :]:
             row = row[: len(ids) + row[len(ids) :].index(tokenizer.eot_id)]
-        texts.append(tokenizer.decode(row))
+        texts.append(tokenizer.decode(row[len(ids) :]) if instruction else tokenizer.decode(row))
     return texts

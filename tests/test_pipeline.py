@@ -183,13 +183,17 @@ def test_cli_storage_ls_and_show(first_run, capsys):
 
 
 def test_cli_generate_samples_from_the_finetuned_model(first_run, capsys):
-    storage, _ = first_run
+    storage, record = first_run
     args = ["generate", "--storage", str(storage), "--prompt", "The", "--max-new-tokens", "5", "--seed", "3"]
     assert main(args) == 0
     first = capsys.readouterr().out
     assert main(args) == 0
     assert capsys.readouterr().out == first  # a fixed seed gives the same sample
     assert first.startswith("The")
+    assert main([*args[:3], "--prompt", "textwrap.wrap(text)", "--instruction", "--max-new-tokens", "5"]) == 0
+    assert "### Response" not in capsys.readouterr().out  # only the answer is printed
+    assert main([*args[:3], "--model", record["stages"]["tokens"]["version"], "--prompt", "x"]) == 2
+    assert "is not a model" in capsys.readouterr().err
 
 
 def test_selection_rejects_contradictions():
