@@ -4,7 +4,7 @@ the presets, and settings files laid over a preset.
 Presets:
     tiny   a laptop CPU in minutes: the embedded default corpus, a 4-layer, 128-wide GPT, BPE 2k
     small  one GPU, hours: a 6-layer, 384-wide GPT on some OpenWebText subsets, BPE 16k
-    gpt2   GPT-2 small (124M parameters) on all of OpenWebText, the nanoGPT recipe
+    gpt2   GPT-2 small (124M parameters) on all of OpenWebText, the nanoGPT recipe, on 8 GPUs (DDP)
 """
 
 import json
@@ -145,7 +145,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "dropout": 0.0,
             "bias": True,
             "batch_size": 12,
-            "grad_accum_steps": 40,
+            "grad_accum_steps": 40,  # 5 micro-steps on each of 8 GPUs
+            "nproc": 8,
             "max_steps": 600_000,
             "learning_rate": 6e-4,
             "min_lr": 6e-5,

@@ -43,6 +43,15 @@ def _split_id(split: str) -> int:
     return _SPLIT_IDS[split]
 
 
+def check_window_fits(tokens: np.ndarray, block_size: int, name: str) -> None:
+    """A token array must hold at least one window of block_size + 1 tokens (inputs plus shifted targets)."""
+    if len(tokens) < block_size + 1:
+        raise DataIntegrityError(
+            f"{name}: holds {len(tokens)} tokens, fewer than the {block_size + 1} "
+            f"(block_size + 1) that one training window needs"
+        )
+
+
 class TokenBatches:
     """Random windows of block_size + 1 tokens from memory-mapped token arrays: x = w[:-1], y = w[1:]."""
 
@@ -58,11 +67,8 @@ class TokenBatches:
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
         for name, tokens in zip(names, (train, val), strict=True):
-            if tokens is not None and len(tokens) < block_size + 1:
-                raise DataIntegrityError(
-                    f"{name}: holds {len(tokens)} tokens, fewer than the {block_size + 1} "
-                    f"(block_size + 1) that one training window needs"
-                )
+            if tokens is not None:
+                check_window_fits(tokens, block_size, name)
         self.tokens = {"train": train} if val is None else {"train": train, "val": val}
         self.block_size = block_size
         self.batch_size = batch_size

@@ -2,11 +2,17 @@
 atomic checkpoints and exact resume. Pure PyTorch; the caller passes a batch source and a log callback.
 
 Exact resume rests on three things: batches are pure functions of (seed, step, micro-step) (model/data.py),
-dropout is reseeded from (seed, step) before every step, and a checkpoint holds the model, the optimizer
-state and every metrics record so far. A run killed after a checkpoint and resumed ends with the same
-weights, bit for bit, and the same metrics.jsonl as a run that was never interrupted.
+dropout is reseeded from (seed, step, micro-step) before every micro-batch, and a checkpoint holds the
+model, the optimizer state and every metrics record so far. A run killed after a checkpoint and resumed ends
+with the same weights, bit for bit, and the same metrics.jsonl as a run that was never interrupted.
 
-One optimizer step lives in `train_step` so that a data-parallel wrapper can reuse it unchanged.
+Data parallel (several processes under torchrun, model/distributed.py): the model is wrapped in DDP and
+the grad_accum_steps micro-batches of each optimizer step are dealt out between the processes, process r
+taking micro-steps r, r + W, r + 2W, ... of W processes. Together they draw exactly the batches and dropout
+masks of one process, and the gradient DDP averages over processes is the one process's gradient, so the
+result does not depend on the number of processes (up to the order of floating-point sums). Evaluation
+batches are dealt out the same way and the token-weighted sums added up. Rank 0 alone writes checkpoints and
+metrics.jsonl, logs and shows progress; every process resumes from the same checkpoint.
 """
 
 import hashlib
@@ -23,8 +29,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from model import distributed
 from model.checkpoint import atomic_torch_save
 from model.data import BatchSource
 from model.gpt import GPT
@@ -148,9 +156,23 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The dropout seed of one optimizer step: a pure function of (seed, step), so resume replays it."""
-    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+def step_seed(seed: int, step: int, micro: int) -> int:
+    """The dropout seed of one micro-batch: a pure function of (seed, step, micro-step), so a resumed run
+    replays it, and whichever process draws a micro-batch draws the same dropout masks."""
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1)[0])
+
+
+def local_micro_steps(grad_accum_steps: int, rank: int, world: int) -> range:
+    """The micro-steps of each optimizer step that process `rank` of `world` runs: rank, rank + world, ...
+
+    Every process takes the same number, so that DDP's mean over processes weighs every micro-batch alike.
+    """
+    if grad_accum_steps % world:
+        raise ValueError(
+            f"grad_accum_steps ({grad_accum_steps}) must be divisible by the number of processes ({world}): "
+            "each process runs an equal share of a step's micro-batches"
+        )
+    return range(rank, grad_accum_steps, world)
 
 
 def config_hash(model: GPT, cfg: TrainConfig, identity: Any = None) -> str:
@@ -175,24 +197,33 @@ def train_step(
     step: int,
     cfg: TrainConfig,
     device: torch.device,
+    *,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """One optimizer step over grad_accum_steps micro-batches: (mean loss, gradient norm, tokens seen).
+    """One optimizer step over this process's share of the grad_accum_steps micro-batches: (mean loss of its
+    micro-batches, gradient norm, tokens it saw). With world > 1, `model` is DDP-wrapped.
 
     Losses stay on the device: reading them forces a GPU sync, which only logging steps pay for.
     """
-    torch.manual_seed(step_seed(cfg.seed, step))
+    micros = local_micro_steps(cfg.grad_accum_steps, rank, world)
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     total = torch.zeros((), device=device)
     tokens = 0
-    for micro in range(cfg.grad_accum_steps):
+    for micro in micros:
+        torch.manual_seed(step_seed(cfg.seed, step, micro))
         x, y = source.train_batch(step, micro)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device):
-            _, loss = model(x, y)
-        # Scaled so that the accumulated gradient is the mean over micro-batches, as one big batch's.
-        loss = loss / cfg.grad_accum_steps
-        loss.backward()
+        # DDP all-reduces gradients in backward; only the last local micro-batch needs it.
+        last = micro == micros[-1]
+        with model.no_sync() if world > 1 and not last else nullcontext():
+            with autocast(device):
+                _, loss = model(x, y)
+            # Scaled so that the accumulated gradient is the mean over this process's micro-batches, and
+            # DDP's mean over processes then the mean over all of them, as one big batch's.
+            loss = loss / len(micros)
+            loss.backward()
         total += loss.detach()
         tokens += x.numel()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
@@ -203,15 +234,28 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, source: BatchSource, eval_steps: int, device: torch.device, ignore_index: int = -100
+    model: torch.nn.Module,
+    source: BatchSource,
+    eval_steps: int,
+    device: torch.device,
+    ignore_index: int = -100,
+    *,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, float]:
-    """Mean loss per target token on each split's fixed evaluation batches, with dropout off."""
+    """Mean loss per target token on each split's fixed evaluation batches, with dropout off.
+
+    With world > 1, every process must call it: process `rank` evaluates batches rank, rank + world, ...
+    and the sums are added up over processes, so each gets the mean over all the batches.
+    """
     was_training = model.training
     model.eval()
     losses = {}
     for split in source.eval_splits():
         total, count = 0.0, 0
-        for x, y in source.eval_batches(split, eval_steps):
+        for index, (x, y) in enumerate(source.eval_batches(split, eval_steps)):
+            if index % world != rank:
+                continue
             n = int((y != ignore_index).sum())
             if n == 0:
                 continue
@@ -219,6 +263,7 @@ def evaluate(
                 _, loss = model(x.to(device), y.to(device), ignore_index=ignore_index)
             total += float(loss) * n  # token-weighted, so the batching does not change the mean
             count += n
+        total, count = distributed.all_reduce_sum([total, count])
         if count:
             losses[split] = total / count
     model.train(was_training)
@@ -324,14 +369,23 @@ def train(
     checkpoint of the same model, config and `identity` (a description of the data); another config's
     checkpoint is refused. metrics.jsonl (default: in checkpoint_dir) ends with one record per logged step;
     `on_record` sees each record as it is logged (progress displays).
+
+    Inside a torchrun launch (distributed.process_group), every process calls this alike: see the module's
+    docstring. Only rank 0 writes files and calls `log` and `on_record`.
     """
-    log = log or _logger.info
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    local_micro_steps(cfg.grad_accum_steps, rank, world)  # refuse an uneven split before any work
+    log = (log or _logger.info) if main else _quiet
+    on_record = on_record if main else None
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = checkpoint_dir / CHECKPOINT
     metrics_path = Path(metrics_path) if metrics_path is not None else checkpoint_dir / METRICS
     device = resolve_device(cfg.device)
     if device.type == "cuda":
+        if world > 1:  # each process on the GPU process_group gave it, whatever index cfg.device names
+            device = torch.device("cuda", torch.cuda.current_device())
         # TF32 matmuls: ~fp32 accuracy at several times the speed on Ampere and later GPUs.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -349,9 +403,14 @@ def train(
         records = list(state["records"])
         log(f"resuming from {checkpoint_path} at step {step}/{cfg.max_steps}")
     resumed_from = step
-    # Lines a killed attempt logged after its last checkpoint go: the steps are replayed identically.
-    write_metrics(records, metrics_path)
-    step_model = torch.compile(model) if cfg.compile else model
+    if main:
+        # Lines a killed attempt logged after its last checkpoint go: the steps are replayed identically.
+        write_metrics(records, metrics_path)
+    step_model = model
+    if world > 1:
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
 
     started = time.monotonic()
 
@@ -370,20 +429,30 @@ def train(
             checkpoint_path,
         )
 
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True)
     window_start, window_tokens = time.monotonic(), 0
-    with open(metrics_path, "a", encoding="utf-8") as metrics_file:
+    # This process's tokens since the last sum over processes: summed only when a step is logged or
+    # checkpointed, so that other steps need no collective (and no device sync).
+    unsummed_tokens = 0
+    with open(metrics_path, "a", encoding="utf-8") if main else nullcontext() as metrics_file:
         while step < cfg.max_steps:
             lr = lr_at(step, cfg)
-            loss, norm, tokens = train_step(step_model, optimizer, source, step, cfg, device)
+            loss, norm, tokens = train_step(step_model, optimizer, source, step, cfg, device, rank=rank, world=world)
             step += 1  # steps are counted as completed optimizer steps: 1 .. max_steps
-            tokens_seen += tokens
-            window_tokens += tokens
+            unsummed_tokens += tokens
             bar.update(1)
             last = step == cfg.max_steps
             evaluate_now = step % cfg.eval_interval == 0 or last
-            if step % cfg.log_interval == 0 or evaluate_now:
-                train_loss = float(loss)  # syncs the device, so the timing below is honest
+            log_now = step % cfg.log_interval == 0 or evaluate_now
+            checkpoint_now = step % cfg.checkpoint_interval == 0 or last
+            if log_now or checkpoint_now:
+                (summed,) = distributed.all_reduce_sum([unsummed_tokens])
+                tokens_seen += int(summed)
+                window_tokens += int(summed)
+                unsummed_tokens = 0
+            if log_now:
+                # Every process's mean loss over its micro-batches; syncs the device, so the timing is honest.
+                train_loss = distributed.all_reduce_mean(loss)
                 if not math.isfinite(train_loss):
                     raise ConfigError(f"training diverged: loss is {train_loss} at step {step} (lower learning_rate)")
                 elapsed = time.monotonic() - window_start
@@ -394,16 +463,17 @@ def train(
                     "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
                 }
                 if norm is not None:
-                    record["grad_norm"] = float(norm)
+                    record["grad_norm"] = float(norm)  # the same on every process: gradients are all-reduced
                 if evaluate_now:
-                    losses = evaluate(model, source, cfg.eval_steps, device, ignore_index)
+                    losses = evaluate(model, source, cfg.eval_steps, device, ignore_index, rank=rank, world=world)
                     if "train" in losses:
                         record["train_eval_loss"] = losses["train"]
                     if "val" in losses:
                         record["val_loss"] = losses["val"]
                 records.append(record)
-                metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
+                    metrics_file.flush()
                 if on_record is not None:
                     on_record(record)
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -413,9 +483,9 @@ def train(
                     line += f" | eval train {record.get('train_eval_loss', float('nan')):.4f}"
                     line += f" val {record.get('val_loss', float('nan')):.4f}"
                 log(line)
-            if step % cfg.checkpoint_interval == 0 or last:
+            if checkpoint_now and main:
                 save_checkpoint()
-            if step % cfg.log_interval == 0 or evaluate_now:
+            if log_now:
                 window_start, window_tokens = time.monotonic(), 0
     bar.close()
 
@@ -434,3 +504,7 @@ def train(
         resumed_from=resumed_from,
         records=records,
     )
+
+
+def _quiet(line: str) -> None:
+    """The log of processes other than rank 0: one copy of each line is enough."""

@@ -4,20 +4,25 @@ Checkpoints go to the version's scratch folder (`ctx.work`), which survives a fa
 retry or a rerun of the same version resumes from the last checkpoint, with the same batches and the same
 result as a run that was never interrupted. Output (contract): model.pt, model_config.json, metrics.jsonl,
 and loss.png.
+
+With nproc > 1 the training runs in that many processes (PyTorch DDP under torchrun, model/train_entry.py)
+that this stage waits for, forwarding their log; the files published are the same.
 """
 
 import shutil
+from dataclasses import asdict
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from model.checkpoint import save_model
-from model.data import TokenBatches
-from model.gpt import GPT, GPTConfig
-from model.train import METRICS, TrainConfig, TrainResult, plot_losses, schedule_problems, train
-from storage.errors import DataIntegrityError
+from model.checkpoint import CONFIG, WEIGHTS, save_model
+from model.data import check_window_fits
+from model.gpt import GPTConfig
+from model.train import METRICS, TrainConfig, TrainResult, plot_losses, resolve_device, schedule_problems
+from model.train_entry import PretrainSettings, launch, pretrain
+from storage.errors import ConfigError, DataIntegrityError
 from storage.tokens import open_tokens, read_meta
 from tasks.stage import Stage, StageConfig, StageContext, stage_task
 
@@ -86,17 +91,34 @@ class TrainingFields(StageConfig):
 class PretrainConfig(TrainingFields):
     """Model shape and training loop of the pretraining stage."""
 
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = TrainingFields.RUNTIME_FIELDS | {"nproc"}
+
     n_layer: int = Field(4, description="Transformer blocks (nanoGPT CPU recipe: 4).", ge=1, le=256)
     n_head: int = Field(4, description="Attention heads per block (nanoGPT CPU recipe: 4).", ge=1, le=256)
     n_embd: int = Field(128, description="Embedding width (nanoGPT CPU recipe: 128).", ge=1, le=32768)
     block_size: int = Field(64, description="Context length in tokens (nanoGPT CPU recipe: 64).", ge=2, le=131072)
     dropout: float = Field(0.0, description="Dropout rate (nanoGPT: 0 for pretraining, 0.1+ to fine-tune).", ge=0, lt=1)
     bias: bool = Field(False, description="Biases in Linear and LayerNorm (GPT-2: True; False trains a bit better).")
+    nproc: int = Field(
+        1,
+        description=(
+            "Training processes on this machine, one per GPU (PyTorch DDP under torchrun; gloo on CPUs). They "
+            "share each step's grad_accum_steps micro-batches, so the result equals one process's up to the "
+            "order of floating-point sums: not part of the version id."
+        ),
+        ge=1,
+        le=1024,
+    )
 
     def problems(self) -> list[str]:
         problems = super().problems()
         if self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.grad_accum_steps % self.nproc:
+            problems.append(
+                f"grad_accum_steps ({self.grad_accum_steps}) must be divisible by nproc ({self.nproc}): "
+                "each process runs an equal share of a step's micro-batches"
+            )
         return problems
 
 
@@ -131,18 +153,10 @@ def build(ctx: StageContext, cfg: PretrainConfig) -> dict[str, Any]:
     meta = read_meta(folder)
     if not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
         raise DataIntegrityError(f"{folder / 'meta.json'}: no valid vocab_size ({meta.get('vocab_size')!r})")
-    train_tokens = open_tokens(folder, "train")
-    val_tokens = open_tokens(folder, "val")
-    for split, tokens in (("train", train_tokens), ("val", val_tokens)):
+    for split in ("train", "val"):
+        tokens = open_tokens(folder, split)
         check_token_range(tokens, meta["vocab_size"], str(folder / f"{split}.bin"))
-    source = TokenBatches(
-        train_tokens,
-        val_tokens,
-        cfg.block_size,
-        cfg.batch_size,
-        cfg.seed,
-        names=(str(folder / "train.bin"), str(folder / "val.bin")),
-    )
+        check_window_fits(tokens, cfg.block_size, str(folder / f"{split}.bin"))  # before processes start
 
     model_config = GPTConfig(
         vocab_size=padded_vocab_size(meta["vocab_size"]),
@@ -153,35 +167,45 @@ def build(ctx: StageContext, cfg: PretrainConfig) -> dict[str, Any]:
         dropout=cfg.dropout,
         bias=cfg.bias,
     )
-    torch.manual_seed(cfg.seed)  # the initial weights (a resumed run overwrites them from its checkpoint)
-    model = GPT(model_config)
-    ctx.log.info(
-        "pretraining %.2fM parameters on %d train / %d val tokens (vocab %d, padded to %d)",
-        model.num_params() / 1e6,
-        len(train_tokens),
-        len(val_tokens),
-        meta["vocab_size"],
-        model_config.vocab_size,
-    )
-    result = train(
-        model,
-        source,
-        cfg.train_config(),
-        ctx.work,
-        metrics_path=ctx.work / METRICS,
-        log=ctx.log.info,
-        on_record=lambda record: ctx.progress(record["step"] / cfg.max_steps),
+    settings = PretrainSettings(
+        tokens=str(folder),
+        model=model_config.to_dict(),
+        train=asdict(cfg.train_config()),
+        work=str(ctx.work),
+        out=str(ctx.work / "final"),
     )
 
-    save_model(ctx.out, model)
+    def on_record(record: dict[str, Any]) -> None:
+        ctx.progress(record["step"] / cfg.max_steps)
+
+    check_processes_fit(cfg.nproc, resolve_device(cfg.device))
+    if cfg.nproc == 1:
+        model, result = pretrain(settings, log=ctx.log.info, on_record=on_record)
+        params = model.num_params()
+        save_model(ctx.out, model)
+    else:
+        result, params = launch(settings, cfg.nproc, log=ctx.log.info, warn=ctx.log.warning, on_record=on_record)
+        for name in (WEIGHTS, CONFIG):
+            shutil.copyfile(ctx.work / "final" / name, ctx.out / name)
+
     shutil.copyfile(ctx.work / METRICS, ctx.out / METRICS)
     plot_losses(result.records, ctx.out / "loss.png", title="pretrain loss")
     return {
-        "params": model.num_params(),
+        "params": params,
         "vocab_size": meta["vocab_size"],
         "padded_vocab_size": model_config.vocab_size,
+        "processes": cfg.nproc,
         **result_metrics(result),
     }
+
+
+def check_processes_fit(nproc: int, device: torch.device) -> None:
+    """On GPUs each process takes one device: more processes than devices would fail deep inside NCCL."""
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError(
+            f"pretrain.nproc={nproc} needs {nproc} CUDA devices, this machine has {torch.cuda.device_count()}: "
+            "lower nproc (it must divide grad_accum_steps)"
+        )
 
 
 STAGE = Stage(name="pretrain", module=__name__, config=PretrainConfig, build=build, inputs=("tokens",))

@@ -9,7 +9,7 @@ import torch
 
 from model.checkpoint import load_model
 from model.train import CHECKPOINT, read_metrics
-from storage.errors import DataIntegrityError
+from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
 from storage.tokens import TokenFileWriter
 from tasks.pretrain import STAGE, PretrainConfig
@@ -149,3 +149,13 @@ def test_bad_config_lists_every_problem() -> None:
     assert "min_lr (0.5) must be <= learning_rate (0.01)" in message
     with pytest.raises(ValueError, match="device"):
         tiny_config(device="tpu")
+
+
+def test_more_processes_than_gpus_is_refused_before_training() -> None:
+    from tasks.pretrain import check_processes_fit
+
+    check_processes_fit(4, torch.device("cpu"))  # gloo processes share the CPU: any count is allowed
+    if torch.cuda.is_available():
+        check_processes_fit(torch.cuda.device_count(), torch.device("cuda"))
+    with pytest.raises(ConfigError, match=r"pretrain.nproc=\d+ needs \d+ CUDA devices"):
+        check_processes_fit(torch.cuda.device_count() + 1, torch.device("cuda"))

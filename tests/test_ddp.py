@@ -1,0 +1,200 @@
+"""Data-parallel pretraining: real torchrun launches of 2 CPU processes (gloo) on a tiny model.
+
+Each launch costs ~5 s on two cores (three interpreters importing torch), hence the slow marks.
+"""
+
+import dataclasses
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from test_pretrain import cycle, publish_tokens, tiny_config
+
+from model import distributed
+from model.checkpoint import load_model
+from model.gpt import GPTConfig
+from model.train import CHECKPOINT, METRICS, local_micro_steps, read_metrics
+from model.train_entry import RESULT, PretrainSettings, launch, pretrain
+from storage.errors import TransientError
+from storage.store import Store
+from tasks.pretrain import STAGE, PretrainConfig
+
+KILLED_AT_STEP = 7  # rank 1 dies fetching this step's batch: past the checkpoint at step 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Two processes on two cores: one thread each (launched children read OMP_NUM_THREADS), and this
+    process's reference run alike (a tiny model trains ~4x faster on one thread than on two contending)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokens_store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Store, str]:
+    store = Store(tmp_path_factory.mktemp("ddp") / "store")
+    return store, publish_tokens(store, cycle(3000), cycle(500))
+
+
+def settings_for(store: Store, tokens: str, folder: Path, **overrides) -> PretrainSettings:
+    """A tiny run with dropout (masks must match between the split and the single process) and accumulation."""
+    values = dict(grad_accum_steps=2, max_steps=10, log_interval=1, eval_interval=5, checkpoint_interval=5)
+    cfg = tiny_config(dropout=0.1, n_layer=1, **{**values, **overrides})
+    model = GPTConfig(
+        64, cfg.block_size, n_layer=1, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias
+    )
+    return PretrainSettings(
+        tokens=str(store.path("tokens", tokens)),
+        model=model.to_dict(),
+        train=dataclasses.asdict(cfg.train_config()),
+        work=str(folder),
+        out=str(folder / "final"),
+    )
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tokens_store: tuple[Store, str], tmp_path_factory: pytest.TempPathFactory) -> PretrainSettings:
+    """One uninterrupted 2-process run, shared by the tests that compare against it."""
+    settings = settings_for(*tokens_store, tmp_path_factory.mktemp("two"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        launch(settings, 2, log=lambda line: None, warn=lambda line: None)
+    return settings
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_weights_of_one(
+    two_processes: PretrainSettings, tokens_store: tuple[Store, str], tmp_path: Path
+) -> None:
+    single, result = pretrain(settings_for(*tokens_store, tmp_path), log=lambda line: None)
+
+    split = load_model(Path(two_processes.out))
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(split.state_dict()[name], tensor, atol=1e-5, rtol=0, msg=name)
+    records = read_metrics(Path(two_processes.work) / METRICS)
+    assert [r["step"] for r in records] == list(range(1, 11))
+    for got, expected in zip(records, result.records, strict=True):
+        assert got["train_loss"] == pytest.approx(expected["train_loss"], abs=1e-5)
+        assert got.get("val_loss") == pytest.approx(expected.get("val_loss"), abs=1e-5)
+    assert records[-1]["val_loss"] < 3.0  # learning, not just agreeing: ln(40) = 3.7
+
+
+@pytest.mark.slow
+def test_pretrain_stage_with_two_processes_publishes_the_same_version(
+    tokens_store: tuple[Store, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, tokens = tokens_store
+    cfg = tiny_config(nproc=2, grad_accum_steps=2, max_steps=10, log_interval=2, eval_interval=5)
+    with caplog.at_level(logging.INFO, logger="gptflow.pretrain"):
+        ref = STAGE.run(store.root, cfg, {"tokens": tokens})
+
+    assert ref.version == STAGE.version(cfg.model_copy(update={"nproc": 1}), {"tokens": tokens})
+    folder = store.path("pretrain", ref.version)
+    for name in ("model.pt", "model_config.json", "metrics.jsonl", "loss.png", "manifest.json"):
+        assert (folder / name).is_file(), name
+    assert [r["step"] for r in read_metrics(folder / METRICS)] == [2, 4, 5, 6, 8, 10]  # each once
+    metrics = store.manifest("pretrain", ref.version)["metrics"]
+    assert metrics["processes"] == 2 and metrics["tokens_seen"] == 10 * 2 * 4 * 16  # both halves counted
+    assert metrics["params"] == load_model(folder).num_params()
+    assert any("step 10/10 | loss" in message for message in caplog.messages)  # rank 0's log, forwarded
+    assert any("in 2 processes" in message for message in caplog.messages)
+
+
+def test_grad_accum_not_divisible_by_the_processes_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"grad_accum_steps \(3\) must be divisible by nproc \(2\)"):
+        tiny_config(nproc=2, grad_accum_steps=3)
+    assert PretrainConfig.model_fields["nproc"].description
+    assert "nproc" in PretrainConfig.RUNTIME_FIELDS
+    with pytest.raises(ValueError, match=r"divisible by the number of processes \(4\)"):
+        local_micro_steps(6, 0, 4)
+    assert list(local_micro_steps(6, 1, 3)) == [1, 4]
+
+
+@pytest.mark.slow
+def test_uneven_split_inside_a_launch_fails_with_one_line_naming_it(
+    tokens_store: tuple[Store, str], tmp_path: Path
+) -> None:
+    # Past the stage's own check (a caller of train_entry directly): every process refuses, before training.
+    settings = settings_for(*tokens_store, tmp_path, grad_accum_steps=3)
+    warnings: list[str] = []
+    with pytest.raises(ValueError) as err:
+        launch(settings, 2, log=lambda line: None, warn=warnings.append)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("training with 2 processes failed (exit 1): ValueError: grad_accum_steps (3)")
+    assert any("Traceback" in line for line in warnings)  # the processes' stderr reached the log
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+KILLING_WORKER = f"""
+import os, signal, sys
+
+from model import train_entry
+from model.data import TokenBatches
+
+batch = TokenBatches.train_batch
+
+
+def train_batch(self, step, micro):
+    if step == {KILLED_AT_STEP} and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the out-of-memory killer would
+    return batch(self, step, micro)
+
+
+TokenBatches.train_batch = train_batch
+sys.exit(train_entry.main())
+"""
+
+
+@pytest.mark.slow
+def test_killed_process_fails_transiently_and_the_retry_resumes_exactly(
+    two_processes: PretrainSettings, tokens_store: tuple[Store, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "killing_worker.py").write_text(KILLING_WORKER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    settings = settings_for(*tokens_store, tmp_path / "run")
+    Path(settings.work).mkdir()
+    settings.save(tmp_path / "settings.json")
+    with pytest.raises(TransientError, match="training with 2 processes failed"):
+        distributed.run_torchrun(
+            2,
+            "killing_worker",
+            [str(tmp_path / "settings.json")],
+            on_stdout=lambda line: None,
+            on_stderr=lambda line: None,
+        )
+    assert torch.load(Path(settings.work) / CHECKPOINT, weights_only=True)["step"] == 5
+    assert max(r["step"] for r in read_metrics(Path(settings.work) / METRICS)) > 5  # logged past it
+
+    lines: list[str] = []
+    result, _ = launch(settings, 2, log=lines.append, warn=lambda line: None)
+    assert result.resumed_from == 5
+    assert any("resuming from" in line and "step 5/10" in line for line in lines)
+    resumed, uninterrupted = load_model(Path(settings.out)), load_model(Path(two_processes.out))
+    for name, tensor in uninterrupted.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    got = read_metrics(Path(settings.work) / METRICS)
+    assert without_timing(got) == without_timing(read_metrics(Path(two_processes.work) / METRICS))
+    assert (Path(settings.out) / RESULT).is_file()
+
+
+def test_torchrun_environment_is_read_and_checked() -> None:
+    assert distributed.launch_from_env({}) is None
+    launch_ = distributed.launch_from_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert launch_ == distributed.Launch(rank=3, local_rank=1, world_size=4)
+    with pytest.raises(ValueError, match="incomplete torchrun environment: WORLD_SIZE unset"):
+        distributed.launch_from_env({"RANK": "0", "LOCAL_RANK": "0"})
+    with pytest.raises(ValueError, match="inconsistent torchrun environment: RANK=4"):
+        distributed.launch_from_env({"RANK": "4", "LOCAL_RANK": "0", "WORLD_SIZE": "4"})
+    # Outside a launch the collectives describe one process.
+    assert distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.all_reduce_sum([2, 3.5]) == [2.0, 3.5] and distributed.all_reduce_mean(torch.tensor(1.5)) == 1.5
