@@ -7,24 +7,33 @@ Reads the real OpenWebText layout and its simpler relatives, recognised by magic
         NNNNNNN-<md5>.txt                            (one document per regular-file member)
 
 an inner `*_data.xz` given directly, or a plain tar of .txt files. Compression: xz, gzip, bzip2, zstd.
-Everything streams (tar "r|" mode over nested decompressors), so no archive is ever held in memory, and
-members are never written to disk: a hostile name such as `../../etc/passwd` is only data.
+Everything streams (tar "r|" mode over nested decompressors), so no archive is ever held in memory whole
+but a nested one of at most MAX_SHIPPED_ARCHIVE_BYTES, and members are never written to disk: a hostile
+name such as `../../etc/passwd` is only data. A member larger than `max_doc_bytes` is skipped unread.
+
+Decompressing and parsing the ~20,000 inner archives is the costly part, so with `workers` > 1 each inner
+archive is read whole (they are small) and parsed in a worker process, while this process still reads the
+download once, in order, and writes every shard. Parsing only describes what it finds (events); the events
+are applied in archive order, whichever process made them, so the output is the same for any worker count.
 
 Output: `docs/shard-00000.parquet`, ... (zstd) with columns doc_id, text, source, member, n_bytes.
 """
 
 import bz2
 import gzip
+import io
 import logging
 import lzma
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +42,7 @@ from pydantic import Field
 
 from storage.errors import DataIntegrityError
 from tasks.download import ARCHIVES
+from tasks.shards import process_pool
 from tasks.stage import Stage, StageConfig, StageContext, stage_task
 
 DOCS = "docs"
@@ -57,8 +67,19 @@ _BLOCK = tarfile.BLOCKSIZE
 MAX_NESTING = 3
 # Rows per Parquet row group: a few MB of web text, so a reader can stream a shard in small pieces.
 _ROW_GROUP_DOCS = 1024
-# How many hostile member names the metrics list verbatim (all are counted).
+# How many hostile or oversized member names the metrics list verbatim (all are counted).
 _MAX_LISTED_NAMES = 20
+# An OpenWebText document is ~5 KB (38 GB of text in ~8M documents); Gopher's longest kept document,
+# 100,000 words, is ~600 KB. Far above both, and small enough that one member can never exhaust memory.
+DEFAULT_MAX_DOC_BYTES = 8 << 20
+# Nested archives of at most this size are read whole and parsed on their own (in a worker when there are
+# workers): an OpenWebText `urlsf_subsetNN-M_data.xz` is ~0.6 MB (12 GB in ~20,600 of them). A bigger one
+# is streamed by the stage's process instead, so that no more than this is read into memory per archive.
+MAX_SHIPPED_ARCHIVE_BYTES = 32 << 20
+# A worker sends back at most this much text per archive (an OpenWebText inner archive holds ~2 MB); past
+# it (a decompression bomb, or a huge archive of small documents) the stage's process parses the archive
+# itself, streaming, so that the results waiting in memory stay bounded.
+MAX_SHIPPED_TEXT_CHARS = 64 << 20
 _ARCHIVE_SUFFIXES = (".tar", ".xz", ".txz", ".tgz", ".gz", ".bz2", ".zst", ".zstd")
 # Damage that surfaces while decompressing or walking a tar stream.
 _CORRUPTION = (
@@ -72,7 +93,10 @@ _CORRUPTION = (
 
 
 class ExtractConfig(StageConfig):
-    """How documents are cut into shards, and what to do with damaged archives."""
+    """How documents are cut into shards, what to do with damaged archives and huge members, and how many
+    processes parse inner archives."""
+
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"workers"})
 
     shard_docs: int = Field(
         default=10_000,
@@ -90,6 +114,22 @@ class ExtractConfig(StageConfig):
         default=False,
         description="Skip a truncated or corrupt inner archive, listing it under `skipped` in the metrics, "
         "instead of failing the stage. Its documents are dropped whole.",
+    )
+    max_doc_bytes: int = Field(
+        default=DEFAULT_MAX_DOC_BYTES,
+        ge=1,
+        le=1 << 30,
+        description="Skip, unread, a member larger than this many bytes (counted as oversized_members). 8 MiB: "
+        "an OpenWebText document is ~5 KB and Gopher's longest kept one ~600 KB, so only a broken or hostile "
+        "member is this large, and it cannot exhaust memory.",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Processes parsing inner archives at once (1 parses them in the stage's process). The "
+        "download is still read once, in order, and the shards written by one process: the output does not "
+        "depend on it.",
     )
 
 
@@ -227,6 +267,8 @@ class ExtractStats:
     non_file_members: int = 0
     unsafe_members: int = 0
     unsafe_member_names: list[str] = field(default_factory=list)
+    oversized_members: int = 0
+    oversized_member_names: list[str] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     containers: set[str] = field(default_factory=set)  # doc_id prefixes in use, kept unique
 
@@ -253,6 +295,11 @@ def _member_key(name: str) -> str:
     return key or "member"
 
 
+def _is_unsafe(name: str) -> bool:
+    path = PurePosixPath(name.replace("\\", "/"))
+    return path.is_absolute() or ".." in path.parts
+
+
 def _unique(key: str, used: set[str]) -> str:
     candidate, n = key, 2
     while candidate in used:
@@ -269,40 +316,85 @@ def decode_text(data: bytes) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
-class _Walker:
-    """Walks one downloaded archive and yields its documents, an inner archive at a time.
+# -- parsing: an archive stream -> events ----------------------------------------------------------------
+# Parsing describes what it finds as a sequence of events and knows nothing of other archives, so a nested
+# archive can be parsed in another process. One collector in the stage's process applies the events in the
+# order the archive holds them: it names containers uniquely across the whole run, counts, and builds the
+# documents. The output (doc_ids and metrics included) therefore does not depend on where parsing ran.
+
+
+class _Open(NamedTuple):
+    """A tar was opened; its documents' doc_ids start with a container name made unique from `stem`."""
+
+    stem: str
+
+
+class _Doc(NamedTuple):
+    container: int  # which _Open of the same parse, counted from 0
+    key: str  # the doc_id part after the container name, unique within the container
+    text: str
+    member: str
+    n_bytes: int
+    invalid_utf8: bool
+
+
+class _Note(NamedTuple):
+    """A member the metrics count: `kind` is inner_archive, non_file, unsafe, empty or oversized."""
+
+    kind: str
+    name: str
+
+
+class _Skip(NamedTuple):
+    """A damaged archive dropped under `skip_corrupt`: its row of the metrics' `skipped`."""
+
+    entry: dict[str, Any]
+
+
+class _Ship(NamedTuple):
+    """A nested archive small enough to be read whole and parsed on its own by `parse_inner_archive`."""
+
+    data: bytes
+    member: str  # as error messages name it: "outer member > inner member"
+    stem: str
+    depth: int
+
+
+_Event = _Open | _Doc | _Note | _Skip | _Ship
+
+
+@dataclass(frozen=True)
+class ParseOptions:
+    """What parsing needs to know; picklable, so that a worker process parses exactly as the stage would."""
+
+    source: str  # the downloaded archive's file name, which messages and the `source` column carry
+    skip_corrupt: bool = False
+    hold_docs: int = 10_000
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
+    # Nested archives of at most this many bytes are read whole and handed on as `_Ship` events; None: none.
+    ship_up_to: int | None = None
+
+
+class _Parser:
+    """Parses one archive stream, and the archives nested in it, into events.
 
     The documents of a tar are held back until the tar has been read to its end intact, so that with
-    `skip_corrupt` a damaged inner archive is dropped whole; past `hold_docs` documents they are let go
-    early (bounded memory), and a later fault can then drop only the rest.
+    `skip_corrupt` a damaged archive is dropped whole; past `hold_docs` documents they are let go early
+    (bounded memory), and a later fault can then drop only the rest.
     """
 
-    def __init__(self, path: Path, stats: ExtractStats, skip_corrupt: bool, hold_docs: int, log: Any) -> None:
-        self.path = path
-        self.source = path.name
-        self.stats = stats
-        self.skip_corrupt = skip_corrupt
-        self.hold_docs = hold_docs
-        self.log = log
+    def __init__(self, options: ParseOptions) -> None:
+        self.options = options
+        self.containers = 0
 
-    def documents(self) -> Iterator[Document]:
-        if self.path.stat().st_size == 0:
-            raise DataIntegrityError(f"{self.source}: empty file, not an archive")
-        with open(self.path, "rb") as raw:
-            stream = _Peekable(raw)
-            head = stream.peek(_BLOCK)
-            if compression_of(head) is None and not is_tar(head):
-                raise DataIntegrityError(
-                    f"{self.source}: unknown archive format (first bytes {head[:8].hex()}); "
-                    "expected xz, gzip, bzip2, zstd or tar"
-                )
-            yield from self._tar(stream, member="", stem=archive_stem(self.source), depth=0)
-
-    def _tar(self, stream: _Peekable, member: str, stem: str, depth: int) -> Iterator[Document]:
-        where = f"{self.source}: {member}" if member else self.source
-        container = _unique(stem, self.stats.containers)
+    def tar(self, stream: _Peekable, member: str, stem: str, depth: int) -> Iterator[_Event]:
+        opts = self.options
+        where = f"{opts.source}: {member}" if member else opts.source
+        container = self.containers
+        self.containers += 1
+        yield _Open(stem)
         used: set[str] = set()
-        held: list[Document] = []
+        held: list[_Doc] = []
         released = 0
         try:
             with ExitStack() as stack:
@@ -315,27 +407,35 @@ class _Walker:
                 for info in tar:
                     name = _printable(info.name)
                     if not info.isreg():
-                        self.stats.non_file_members += 1
+                        yield _Note("non_file", name)
                         continue
-                    self._note_unsafe(name)
+                    if _is_unsafe(name):
+                        yield _Note("unsafe", name)
                     body = _Peekable(tar.extractfile(info))
                     head = body.peek(_BLOCK)
                     if compression_of(head) is not None or is_tar(head):
                         if depth + 1 > MAX_NESTING:
                             raise _Corrupt(f"{name} nests archives more than {MAX_NESTING} deep")
-                        self.stats.inner_archives += 1
+                        yield _Note("inner_archive", name)
                         label = f"{member} > {name}" if member else name
-                        yield from self._tar(body, label, archive_stem(name), depth + 1)
+                        if opts.ship_up_to is not None and info.size <= opts.ship_up_to:
+                            yield _Ship(body.read(), label, archive_stem(name), depth + 1)
+                        else:
+                            yield from self.tar(body, label, archive_stem(name), depth + 1)
+                        continue
+                    # Judged by the header's size, before reading: the tar stream skips an unread member's
+                    # data block by block, so a huge member never has to fit in memory.
+                    if info.size > opts.max_doc_bytes:
+                        yield _Note("oversized", name)
                         continue
                     data = body.read()
                     if not data:
-                        self.stats.empty_members += 1
+                        yield _Note("empty", name)
                         continue
                     text, invalid = decode_text(data)
                     n_bytes = len(text.encode("utf-8")) if invalid else len(data)
-                    doc_id = f"{container}/{_unique(_member_key(name), used)}"
-                    held.append(Document(doc_id, text, self.source, name, n_bytes, invalid))
-                    if len(held) >= self.hold_docs:
+                    held.append(_Doc(container, _unique(_member_key(name), used), text, name, n_bytes, invalid))
+                    if len(held) >= opts.hold_docs:
                         released += len(held)
                         yield from held
                         held.clear()
@@ -348,18 +448,178 @@ class _Walker:
             yield from held
         except (*_CORRUPTION, _Corrupt) as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            if not self.skip_corrupt:
+            if not opts.skip_corrupt:
                 raise DataIntegrityError(f"{where}: truncated or corrupt archive ({reason})") from exc
-            skipped = {"archive": self.source, "member": member, "error": reason}
-            self.stats.skipped.append({**skipped, "docs_dropped": len(held), "docs_kept": released})
-            self.log.warning("%s: skipped, truncated or corrupt (%s); %d documents dropped", where, reason, len(held))
+            entry = {"archive": opts.source, "member": member, "error": reason}
+            yield _Skip({**entry, "docs_dropped": len(held), "docs_kept": released})
 
-    def _note_unsafe(self, name: str) -> None:
-        path = PurePosixPath(name.replace("\\", "/"))
-        if path.is_absolute() or ".." in path.parts:
-            self.stats.unsafe_members += 1
-            if len(self.stats.unsafe_member_names) < _MAX_LISTED_NAMES:
-                self.stats.unsafe_member_names.append(name)
+
+def parse_inner_archive(data: bytes, member: str, stem: str, depth: int, options: ParseOptions) -> Iterator[_Event]:
+    """The events of one nested archive read whole into `data` (an OpenWebText `urlsf_subsetNN-M_data.xz`):
+    the one way such an archive is parsed, in the stage's process or in a worker. Archives nested inside it
+    are streamed here too, never handed on again."""
+    parser = _Parser(replace(options, ship_up_to=None))
+    return parser.tar(_Peekable(io.BytesIO(data)), member, stem, depth)
+
+
+def _parse_inner_archive_job(ship: _Ship, options: ParseOptions, max_text_chars: int) -> list[_Event] | None:
+    """`parse_inner_archive` in a worker process. Returns None past `max_text_chars` characters of text
+    (a decompression bomb, or a huge archive of small documents): the stage's process then parses the
+    archive itself, streaming, so that no result sent back can exhaust memory."""
+    events: list[_Event] = []
+    text_chars = 0
+    for event in parse_inner_archive(ship.data, ship.member, ship.stem, ship.depth, options):
+        if isinstance(event, _Doc):
+            text_chars += len(event.text)
+            if text_chars > max_text_chars:
+                return None
+        events.append(event)
+    return events
+
+
+class _Collector:
+    """Applies events in archive order: unique container names, counts, and the documents themselves."""
+
+    def __init__(self, source: str, stats: ExtractStats, log: Any) -> None:
+        self.source = source
+        self.stats = stats
+        self.log = log
+
+    def apply(self, events: Iterable[_Event], names: list[str]) -> Iterator[Document]:
+        """`names` holds the container names of the parse that made `events`, in the order it opened them."""
+        stats = self.stats
+        for event in events:
+            match event:
+                case _Doc():
+                    doc_id = f"{names[event.container]}/{event.key}"
+                    yield Document(doc_id, event.text, self.source, event.member, event.n_bytes, event.invalid_utf8)
+                case _Open():
+                    names.append(_unique(event.stem, stats.containers))
+                case _Note(kind="inner_archive"):
+                    stats.inner_archives += 1
+                case _Note(kind="non_file"):
+                    stats.non_file_members += 1
+                case _Note(kind="empty"):
+                    stats.empty_members += 1
+                case _Note(kind="unsafe"):
+                    stats.unsafe_members += 1
+                    _list_name(stats.unsafe_member_names, event.name)
+                case _Note(kind="oversized"):
+                    stats.oversized_members += 1
+                    if _list_name(stats.oversized_member_names, event.name):
+                        self.log.warning("%s: %s: skipped, larger than max_doc_bytes", self.source, event.name)
+                case _Skip(entry=entry):
+                    stats.skipped.append(entry)
+                    where = f"{self.source}: {entry['member']}" if entry["member"] else self.source
+                    self.log.warning(
+                        "%s: skipped, truncated or corrupt (%s); %d documents dropped",
+                        where,
+                        entry["error"],
+                        entry["docs_dropped"],
+                    )
+                case _:
+                    raise TypeError(f"unexpected parse event {type(event).__name__}")
+
+
+def _list_name(names: list[str], name: str) -> bool:
+    """Keep `name` among the first few listed verbatim in the metrics; True when it was kept."""
+    if len(names) < _MAX_LISTED_NAMES:
+        names.append(name)
+        return True
+    return False
+
+
+class _Queued(NamedTuple):
+    """An entry of the in-order queue: the events of a shipped archive (a worker's future) or of the archive
+    itself (ready at once), with the container names of the parse that made them."""
+
+    names: list[str]
+    future: Future[list[_Event] | None]
+    ship: _Ship | None
+
+
+def _ready(events: list[_Event]) -> Future[list[_Event] | None]:
+    future: Future[list[_Event] | None] = Future()
+    future.set_result(events)
+    return future
+
+
+class _Walker:
+    """Walks one downloaded archive and yields its documents in archive order.
+
+    With a process pool, each nested archive of at most MAX_SHIPPED_ARCHIVE_BYTES is read here (the
+    archive itself is read once, in order, by this process) and parsed in a worker; results are taken in
+    the order they were submitted, with at most `in_flight` entries waiting, so memory holds a few inner
+    archives, never the whole download.
+    """
+
+    def __init__(
+        self, path: Path, options: ParseOptions, stats: ExtractStats, log: Any, pool: Executor | None, in_flight: int
+    ) -> None:
+        self.path = path
+        self.options = options
+        self.collector = _Collector(options.source, stats, log)
+        self.pool = pool
+        self.in_flight = in_flight
+
+    def documents(self) -> Iterator[Document]:
+        source = self.options.source
+        if self.path.stat().st_size == 0:
+            raise DataIntegrityError(f"{source}: empty file, not an archive")
+        with open(self.path, "rb") as raw:
+            stream = _Peekable(raw)
+            head = stream.peek(_BLOCK)
+            if compression_of(head) is None and not is_tar(head):
+                raise DataIntegrityError(
+                    f"{source}: unknown archive format (first bytes {head[:8].hex()}); "
+                    "expected xz, gzip, bzip2, zstd or tar"
+                )
+            parser = _Parser(self.options)
+            with closing(parser.tar(stream, member="", stem=archive_stem(source), depth=0)) as events:
+                yield from self._in_order(events)
+
+    def _in_order(self, events: Iterator[_Event]) -> Iterator[Document]:
+        names: list[str] = []  # the container names of the download's own parse
+        queue: deque[_Queued] = deque()
+        try:
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration:
+                    break
+                except DataIntegrityError:
+                    # Parsed in order, an inner archive read before this fault would have failed first.
+                    while queue:
+                        yield from self._finish(queue.popleft())
+                    raise
+                if isinstance(event, _Ship) and self.pool is None:
+                    yield from self._parse_here(event)
+                elif isinstance(event, _Ship):
+                    limit = MAX_SHIPPED_TEXT_CHARS
+                    future = self.pool.submit(_parse_inner_archive_job, event, self.options, limit)
+                    queue.append(_Queued([], future, event))
+                elif queue:
+                    queue.append(_Queued(names, _ready([event]), None))
+                else:
+                    yield from self.collector.apply((event,), names)
+                while queue and (len(queue) > self.in_flight or queue[0].future.done()):
+                    yield from self._finish(queue.popleft())
+            while queue:
+                yield from self._finish(queue.popleft())
+        finally:
+            for entry in queue:
+                entry.future.cancel()
+
+    def _finish(self, entry: _Queued) -> Iterator[Document]:
+        events = entry.future.result()
+        if events is None and entry.ship is not None:  # too much text to send back: parse it here, streaming
+            yield from self._parse_here(entry.ship)
+        else:
+            yield from self.collector.apply(events, entry.names)
+
+    def _parse_here(self, ship: _Ship) -> Iterator[Document]:
+        events = parse_inner_archive(ship.data, ship.member, ship.stem, ship.depth, self.options)
+        return self.collector.apply(events, [])
 
 
 def iter_archive_documents(
@@ -367,12 +627,26 @@ def iter_archive_documents(
     *,
     skip_corrupt: bool = False,
     hold_docs: int = 10_000,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
     stats: ExtractStats | None = None,
     log: Any = None,
+    pool: Executor | None = None,
+    in_flight: int = 2,
 ) -> Iterator[Document]:
-    """Every document in the archive at `path`, streaming; see `_Walker` for `hold_docs`."""
+    """Every document in the archive at `path`, streaming, in archive order; see `_Parser` for `hold_docs`.
+
+    With `pool` (a process pool), nested archives are parsed in its workers, `in_flight` at most waiting;
+    the documents and `stats` are the same as without one.
+    """
+    options = ParseOptions(
+        source=Path(path).name,
+        skip_corrupt=skip_corrupt,
+        hold_docs=hold_docs,
+        max_doc_bytes=max_doc_bytes,
+        ship_up_to=MAX_SHIPPED_ARCHIVE_BYTES,
+    )
     walker = _Walker(
-        Path(path), stats or ExtractStats(), skip_corrupt, hold_docs, log or logging.getLogger("gptflow.extract")
+        Path(path), options, stats or ExtractStats(), log or logging.getLogger("gptflow.extract"), pool, in_flight
     )
     return walker.documents()
 
@@ -433,35 +707,47 @@ def build(ctx: StageContext, cfg: ExtractConfig) -> dict[str, Any]:
     archives = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     if not archives:
         raise DataIntegrityError(f"{folder}: no archives to extract")
+    ctx.log.info("extracting %d archive(s) with %d worker(s)", len(archives), cfg.workers)
     stats = ExtractStats()
     writer = ShardWriter(ctx.out / DOCS, cfg.shard_docs)
     docs = n_bytes = invalid_utf8 = 0
     reached_max = False
-    for path in archives:
-        found = 0
-        skipped_before = len(stats.skipped)
-        documents = iter_archive_documents(
-            path, skip_corrupt=cfg.skip_corrupt, hold_docs=cfg.shard_docs, stats=stats, log=ctx.log
-        )
-        with closing(documents):
-            for doc in documents:
-                writer.add(doc)
-                found += 1
-                n_bytes += doc.n_bytes
-                invalid_utf8 += doc.invalid_utf8
-                if cfg.max_docs is not None and docs + found >= cfg.max_docs:
-                    reached_max = True
-                    break
-        docs += found
-        ctx.log.info("%s: %d documents", path.name, found)
-        if reached_max:
-            ctx.log.info("stopped at max_docs=%d", cfg.max_docs)
-            break
-        if found == 0 and len(stats.skipped) == skipped_before:
-            raise DataIntegrityError(f"{path.name}: the archive holds no documents")
+    # How many inner archives there are is known only once the downloads are read: size the pool by workers.
+    with process_pool(cfg.workers, jobs=cfg.workers) as pool:
+        for path in archives:
+            found = 0
+            skipped_before = len(stats.skipped)
+            documents = iter_archive_documents(
+                path,
+                skip_corrupt=cfg.skip_corrupt,
+                hold_docs=cfg.shard_docs,
+                max_doc_bytes=cfg.max_doc_bytes,
+                stats=stats,
+                log=ctx.log,
+                pool=pool,
+                in_flight=2 * cfg.workers,
+            )
+            with closing(documents):
+                for doc in documents:
+                    writer.add(doc)
+                    found += 1
+                    n_bytes += doc.n_bytes
+                    invalid_utf8 += doc.invalid_utf8
+                    if cfg.max_docs is not None and docs + found >= cfg.max_docs:
+                        reached_max = True
+                        break
+            docs += found
+            ctx.log.info("%s: %d documents", path.name, found)
+            if reached_max:
+                ctx.log.info("stopped at max_docs=%d", cfg.max_docs)
+                break
+            if found == 0 and len(stats.skipped) == skipped_before:
+                raise DataIntegrityError(f"{path.name}: the archive holds no documents")
     shards = writer.close()
     if docs == 0:
         raise DataIntegrityError(f"{folder}: no documents in {', '.join(p.name for p in archives)}")
+    if stats.oversized_members:
+        ctx.log.warning("%d member(s) over max_doc_bytes=%d skipped", stats.oversized_members, cfg.max_doc_bytes)
     return {
         "docs": docs,
         "shards": shards,
@@ -474,6 +760,8 @@ def build(ctx: StageContext, cfg: ExtractConfig) -> dict[str, Any]:
         "non_file_members": stats.non_file_members,
         "unsafe_members": stats.unsafe_members,
         "unsafe_member_names": stats.unsafe_member_names,
+        "oversized_members": stats.oversized_members,
+        "oversized_member_names": stats.oversized_member_names,
         "max_docs_reached": reached_max,
     }
 

@@ -7,6 +7,7 @@ import hashlib
 import io
 import lzma
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+import tasks.extract
 from storage.errors import DataIntegrityError
 from storage.store import Store
 from tasks.extract import STAGE, ExtractConfig, archive_stem, compression_of
@@ -289,3 +291,143 @@ def test_config_bounds():
         ExtractConfig(shard_docs=0)
     with pytest.raises(ValueError, match="max_docs"):
         ExtractConfig(max_docs=0)
+    with pytest.raises(ValueError, match="workers"):
+        ExtractConfig(workers=0)
+    with pytest.raises(ValueError, match="max_doc_bytes"):
+        ExtractConfig(max_doc_bytes=0)
+
+
+# -- oversized members --------------------------------------------------------------------------------
+
+
+def test_oversized_member_is_skipped_unread_and_counted(tmp_path):
+    huge = 32 << 20  # "x" repeated: compresses to almost nothing, so only reading it could cost memory
+    # gzip, whose 32 KB window is all its decoder holds (xz's 8 MiB dictionary would hide what is measured)
+    archive = gzip.compress(tar_bytes([("a.txt", b"small"), ("huge.txt", b"x" * huge), ("b.txt", b"also small")]))
+    tracemalloc.start()
+    try:
+        ref = run_extract(tmp_path, {"docs.tar.gz": archive}, max_doc_bytes=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert read_docs(tmp_path, ref).column("text").to_pylist() == ["small", "also small"]
+    m = metrics(tmp_path, ref)
+    assert (m["docs"], m["oversized_members"], m["oversized_member_names"]) == (2, 1, ["huge.txt"])
+    assert peak < huge // 8
+
+
+def test_a_member_of_exactly_max_doc_bytes_is_kept(tmp_path):
+    ref = run_extract(tmp_path, {"docs.tar": tar_bytes([("a.txt", b"12345"), ("b.txt", b"123456")])}, max_doc_bytes=5)
+    assert read_docs(tmp_path, ref).column("text").to_pylist() == ["12345"]
+    assert metrics(tmp_path, ref)["oversized_member_names"] == ["b.txt"]
+
+
+# -- workers ------------------------------------------------------------------------------------------
+
+
+def outputs(folder: Path, files: dict[str, bytes], **cfg) -> tuple[str, dict[str, bytes], dict]:
+    """(version id, {shard name: bytes}, metrics) of one extract run into its own store under `folder`."""
+    ref = run_extract(folder, files, **cfg)
+    docs = Store(folder / "store").path("extract", ref.version) / "docs"
+    return ref.version, {p.name: p.read_bytes() for p in sorted(docs.iterdir())}, metrics(folder, ref)
+
+
+def column(shards: dict[str, bytes], name: str) -> list:
+    return pa.concat_tables([pq.read_table(pa.BufferReader(data)) for data in shards.values()]).column(name).to_pylist()
+
+
+def busy_openwebtext() -> bytes:
+    """An openwebtext.tar.xz of nine inner archives; one holds every kind of member the metrics count, and a
+    nested tar whose name a later inner archive repeats (container names must stay unique across processes)."""
+    odd = lzma.compress(
+        tar_bytes(
+            [
+                ("0000100-a.txt", b"first"),
+                ("0000100-a.txt", b"same name again"),
+                ("../escape.txt", b"unsafe name"),
+                ("empty.txt", b""),
+                ("big.txt", b"y" * 5000),
+                ("latin1.txt", b"caf\xe9"),
+                ("urlsf_subset00-5_data.tar", tar_bytes([("n.txt", b"nested")])),
+            ]
+        )
+    )
+    folder = tarfile.TarInfo("openwebtext")
+    folder.type = tarfile.DIRTYPE
+    inner = [(f"openwebtext/urlsf_subset00-{i}_data.xz", inner_xz(texts(9, f"s{i}"), first=9 * i)) for i in range(8)]
+    inner.insert(3, ("openwebtext/urlsf_subset00-odd_data.xz", odd))
+    return lzma.compress(tar_bytes([folder, *inner]))
+
+
+def test_workers_give_byte_identical_shards_and_metrics(tmp_path):
+    files = {"openwebtext.tar.xz": busy_openwebtext()}
+    one = outputs(tmp_path / "one", files, shard_docs=10, max_doc_bytes=4096)
+    two = outputs(tmp_path / "two", files, shard_docs=10, max_doc_bytes=4096, workers=2)
+    assert two[0] == one[0]  # the same version id: workers change how, not what
+    assert list(two[1]) == [f"shard-{i:05d}.parquet" for i in range(8)]
+    assert two[1] == one[1]
+    assert two[2] == one[2]
+    m = two[2]
+    assert (m["docs"], m["inner_archives"], m["oversized_member_names"]) == (77, 10, ["big.txt"])
+    assert (m["unsafe_member_names"], m["empty_members"], m["invalid_utf8_docs"]) == (["../escape.txt"], 1, 1)
+    ids = column(two[1], "doc_id")
+    assert len(set(ids)) == len(ids)
+    assert "urlsf_subset00-5_data/n" in ids  # the tar nested in the odd inner archive
+    assert [i.split("/")[0] for i in ids if "/0000045-" in i] == ["urlsf_subset00-5_data~2"]  # the later one
+
+
+@pytest.mark.parametrize("limit", ["MAX_SHIPPED_TEXT_CHARS", "MAX_SHIPPED_ARCHIVE_BYTES"])
+def test_archives_too_big_to_hand_to_a_worker_give_the_same_output(tmp_path, monkeypatch, limit):
+    files = {"openwebtext.tar.xz": busy_openwebtext()}
+    expected = outputs(tmp_path / "one", files, shard_docs=10, max_doc_bytes=4096)
+    monkeypatch.setattr(tasks.extract, limit, 0)  # every inner archive is then parsed by the stage's process
+    assert outputs(tmp_path / "two", files, shard_docs=10, max_doc_bytes=4096, workers=2) == expected
+
+
+def outer_with_damage(corrupt: tuple[int, ...], count: int = 8) -> bytes:
+    """A plain outer tar of `count` inner archives, those at the `corrupt` positions truncated."""
+    members = []
+    for i in range(count):
+        data = inner_xz(texts(5, f"s{i}"), first=5 * i)
+        members.append((f"openwebtext/urlsf_subset00-{i}_data.xz", data[:-40] if i in corrupt else data))
+    return tar_bytes(members)
+
+
+def test_a_truncated_inner_archive_fails_the_same_with_workers(tmp_path):
+    messages = {}
+    for workers in (1, 2):
+        with pytest.raises(DataIntegrityError) as caught:
+            run_extract(tmp_path / str(workers), {"urlsf_subset00.tar": outer_with_damage((2, 5))}, workers=workers)
+        messages[workers] = str(caught.value)
+        assert nothing_published(tmp_path / str(workers))
+    assert messages[2] == messages[1]
+    assert messages[2].startswith("urlsf_subset00.tar: openwebtext/urlsf_subset00-2_data.xz: truncated or corrupt")
+    assert "\n" not in messages[2]
+
+
+def test_a_damaged_inner_archive_is_reported_before_a_later_cut_in_the_download(tmp_path):
+    whole = outer_with_damage((1,))
+    cut = tarfile.open(fileobj=io.BytesIO(whole)).getmembers()[3].offset_data + 100  # inside the fourth
+    messages = {}
+    for workers in (1, 2):
+        with pytest.raises(DataIntegrityError) as caught:
+            run_extract(tmp_path / str(workers), {"urlsf_subset00.tar": whole[:cut]}, workers=workers)
+        messages[workers] = str(caught.value)
+    assert messages[2] == messages[1]
+    assert "openwebtext/urlsf_subset00-1_data.xz: truncated or corrupt" in messages[2]
+
+
+def test_skip_corrupt_with_workers_keeps_the_good_inner_archives(tmp_path):
+    files = {"urlsf_subset00.tar": damaged_outer()}
+    one = outputs(tmp_path / "one", files, skip_corrupt=True)
+    two = outputs(tmp_path / "two", files, skip_corrupt=True, workers=2)
+    assert two == one
+    assert column(two[1], "text") == texts(3, "good") + texts(2, "also good")
+    assert [s["member"] for s in two[2]["skipped"]] == ["openwebtext/urlsf_subset00-2_data.xz"]
+
+
+def test_workers_do_not_change_the_version_but_max_doc_bytes_does():
+    inputs = {"download": "dl-0123"}
+    default = STAGE.version(ExtractConfig(), inputs)
+    assert STAGE.version(ExtractConfig(workers=8), inputs) == default
+    assert STAGE.version(ExtractConfig(max_doc_bytes=1024), inputs) != default
