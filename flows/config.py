@@ -104,7 +104,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate": {"eval_tokens": 65_536},
     },
     "small": {
-        "extract": {"shard_docs": 20_000},
+        "extract": {"shard_docs": 20_000, "workers": 8},
         "clean": {"workers": 8},
         "dedup": {"workers": 8},
         "tokenizer": {"kind": "bpe", "vocab_size": 16_384, "max_train_docs": 500_000},
@@ -133,7 +133,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # nanoGPT's GPT-2 (124M) recipe on OpenWebText: ~0.5M tokens per step (12 x 1024 x 40), 600k steps.
     "gpt2": {
-        "extract": {"shard_docs": 50_000},
+        "extract": {"shard_docs": 50_000, "workers": 16},
         "clean": {"workers": 16},
         "dedup": {"workers": 16},
         "tokenizer": {"kind": "bpe", "vocab_size": 50_257, "max_train_docs": 2_000_000},
