@@ -12,6 +12,7 @@ Exit codes: 0 success, 1 a stage failed, 2 bad input or usage. Errors are one li
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -81,10 +82,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ConsoleWithoutUserTracebacks(logging.Formatter):
+    """Wraps the console's formatter: an error the user caused (bad input or settings, a source that stays
+    unreachable) is logged as its one-line message. Only the console is affected: the run's log in Prefect
+    keeps the full traceback."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        from storage.errors import GptflowError
+
+        if record.exc_info and isinstance(record.exc_info[1], GptflowError):
+            record = logging.makeLogRecord({**record.__dict__, "exc_info": None, "exc_text": None})
+        return self.inner.format(record)
+
+
+def hide_user_error_tracebacks() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and handler.formatter is not None:
+            if not isinstance(handler.formatter, ConsoleWithoutUserTracebacks):
+                handler.setFormatter(ConsoleWithoutUserTracebacks(handler.formatter))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.config import load_config
     from flows.pipeline import pipeline
     from flows.plan import StageSelection
+
+    hide_user_error_tracebacks()
 
     selection = StageSelection(only=args.only, from_stage=args.from_stage, until=args.until, force=args.force)
     config = load_config(args.preset, args.config)
