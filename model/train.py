@@ -482,7 +482,8 @@ def train(
                 if "val_loss" in record or "train_eval_loss" in record:
                     line += f" | eval train {record.get('train_eval_loss', float('nan')):.4f}"
                     line += f" val {record.get('val_loss', float('nan')):.4f}"
-                log(line)
+                if evaluate_now or not cfg.progress:  # with a progress bar, text lines at evaluations suffice
+                    log(line)
             if checkpoint_now and main:
                 save_checkpoint()
             if log_now:
