@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from storage.errors import ConfigError
 from tasks.clean import CleanConfig
 from tasks.dedup import DedupConfig
-from tasks.download import DownloadConfig, Source
+from tasks.download import DownloadConfig, Source, Sources
 from tasks.evaluate import EvaluateConfig
 from tasks.extract import ExtractConfig
 from tasks.finetune import FinetuneConfig
@@ -42,7 +42,7 @@ class PipelineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    sources: list[Source] = Field(
+    sources: Sources = Field(
         default_factory=list,
         description="Archives to process (http, https, file:// or a path; a plain string is a URL). Empty: the "
         "embedded default corpus.",
@@ -57,13 +57,6 @@ class PipelineConfig(BaseModel):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _plain_urls(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"url": item} if isinstance(item, str) else item for item in value]
-        return value
 
     def with_sources(self, sources: list[str]) -> "PipelineConfig":
         return self.model_copy(update={"sources": [Source(url=url) for url in sources]})

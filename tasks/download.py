@@ -19,12 +19,12 @@ import ssl
 import time
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import unquote, urlsplit
 from urllib.request import Request, url2pathname, urlopen
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from storage.errors import ConfigError, DataIntegrityError, GptflowError, TransientError
 from storage.store import atomic_write_json, sha256_file
@@ -60,12 +60,22 @@ class Source(BaseModel):
         return value.lower() if value else value
 
 
+def _plain_urls(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{"url": item} if isinstance(item, str) else item for item in value]
+    return value
+
+
+# A list of sources in which a plain string stands for {"url": string}.
+Sources = Annotated[list[Source], BeforeValidator(_plain_urls)]
+
+
 class DownloadConfig(StageConfig):
     """Which archives to fetch, and how patiently."""
 
     RUNTIME_FIELDS = frozenset({"timeout_seconds", "chunk_bytes", "resume_attempts", "backoff_seconds"})
 
-    sources: list[Source] = Field(description="The archives to fetch (a plain string is read as a URL).")
+    sources: Sources = Field(description="The archives to fetch (a plain string is read as a URL).")
     timeout_seconds: float = Field(
         default=60.0,
         gt=0,
@@ -92,13 +102,6 @@ class DownloadConfig(StageConfig):
         le=60,
         description="Pause before the first in-attempt retry; it doubles with each retry (at most 30 s).",
     )
-
-    @field_validator("sources", mode="before")
-    @classmethod
-    def _plain_urls(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"url": item} if isinstance(item, str) else item for item in value]
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> "DownloadConfig":
