@@ -23,11 +23,12 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/gptflow run
 
-test: setup
+# Lint first (seconds), then every test, the slow-marked ones included.
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check --no-cache . && $(VENV)/bin/ruff format --no-cache --check .
 
 clean-venv:
 	rm -rf $(VENV)
