@@ -116,7 +116,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     hide_user_error_tracebacks()
 
     selection = StageSelection(only=args.only, from_stage=args.from_stage, until=args.until, force=args.force)
-    config = load_config(args.preset, args.config)
+    config = load_config(args.preset, args.config) if args.config else None
+    if config is None:
+        load_config(args.preset)  # an unknown preset is a usage error before any work starts
     record = pipeline(storage=args.storage, preset=args.preset, sources=args.source, config=config, selection=selection)
     print_run(record)
     return 0

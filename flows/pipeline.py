@@ -44,28 +44,30 @@ def pipeline(
         cfg = cfg.with_sources([str(ensure_sample_archive(default_source_dir()))])
     run_id = str(flow_run.id or uuid.uuid4())
     recorder = RunRecorder(
-        store, run_id, flow_run_name=flow_run.name, preset=None if config else preset, plan=list(plan.run)
+        store,
+        run_id,
+        flow_run_name=flow_run.name,
+        preset=preset if config is None else "custom",
+        plan=list(plan.run),
+        config=cfg.model_dump(mode="json"),
     )
 
     refs: dict[str, StageRef] = {}
     for name in plan.from_store:
-        refs[name] = StageRef(name, store.require_latest(name), reused=True)
+        with recorder.attempt(name):
+            refs[name] = StageRef(name, store.require_latest(name), reused=True)
         recorder.stage(refs[name], "latest")
     for name in plan.run:
         stage, stage_task = STAGES[name]
-        state = stage_task.with_options(result_storage=result_storage(storage))(
-            str(store.root),
-            cfg.stage_config(name),
-            {input_name: refs[input_name] for input_name in stage.inputs},
-            force=name in selection.force,
-            return_state=True,
-        )
-        if not state.is_completed():
-            error = state.result(raise_on_failure=False)
-            error = error if isinstance(error, BaseException) else RuntimeError(f"{name} ended {state.name}")
-            recorder.failed(name, error)
-            raise error
-        refs[name] = state.result()
+        with recorder.attempt(name):
+            state = stage_task.with_options(result_storage=result_storage(storage))(
+                str(store.root),
+                cfg.stage_config(name),
+                {input_name: refs[input_name] for input_name in stage.inputs},
+                force=name in selection.force,
+                return_state=True,
+            )
+            refs[name] = state.result()  # raises the stage's own error if it failed
         status = "cached" if state.name == "Cached" else ("reused" if refs[name].reused else "ran")
         recorder.stage(refs[name], status)
         log.info("%-9s %s  %s", name, refs[name].version, status)

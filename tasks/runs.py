@@ -1,5 +1,7 @@
 """The run record: which version of each stage one pipeline run used or made (storage/runs/<run_id>.json)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,10 +31,19 @@ class RunRecorder:
         self.record["stages"][ref.stage] = {"version": ref.version, "status": status}
         self._write()
 
-    def failed(self, stage: str, error: BaseException) -> None:
-        self.record["stages"][stage] = {"version": None, "status": "failed"}
-        self.record.update(status="failed", failed_stage=stage, error=one_line(error))
-        self._finish()
+    @contextmanager
+    def attempt(self, stage: str) -> Iterator[None]:
+        """Whatever ends the block early (a failed stage, an interrupt) is written down before it goes on."""
+        try:
+            yield
+        except BaseException as error:
+            interrupted = isinstance(error, KeyboardInterrupt)
+            self.record["stages"][stage] = {"version": None, "status": "interrupted" if interrupted else "failed"}
+            self.record.update(
+                status="interrupted" if interrupted else "failed", failed_stage=stage, error=one_line(error)
+            )
+            self._finish()
+            raise
 
     def completed(self, **extra: Any) -> dict[str, Any]:
         self.record.update(status="completed", **extra)

@@ -75,6 +75,7 @@ def test_first_run_builds_every_stage_to_the_storage_contract(first_run):
     assert statuses(record) == {stage: "ran" for stage in STAGE_ORDER}
     saved = json.loads((storage / "runs" / f"{record['run_id']}.json").read_text())
     assert saved["stages"] == record["stages"]
+    assert saved["preset"] == "custom" and saved["config"]["pretrain"]["max_steps"] == 200  # reproducible
     for stage in STAGE_ORDER:
         version = store.latest(stage)
         assert version == record["stages"][stage]["version"]
