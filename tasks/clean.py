@@ -35,6 +35,10 @@ REMOVED = "removed"
 
 # -- normalisation --------------------------------------------------------------------------------------
 
+# Characters that separate lines or words (str.split and str.splitlines treat them so): they become a
+# newline or a space rather than disappearing, which would glue words and lines together.
+_LINE_BREAKS = re.compile("\r\n|[\r\x0b\x0c\x85\u2028\u2029]")
+_WORD_SEPARATORS = re.compile("[\x1c-\x1f]")
 # Unicode category Cc is exactly these ranges; tab and newline are kept because they carry layout.
 _CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _BLANK_LINE_RUNS = re.compile(r"\n{3,}")
@@ -43,7 +47,8 @@ _BLANK_LINE_RUNS = re.compile(r"\n{3,}")
 def normalize_text(text: str) -> str:
     """NFC, \\n newlines, no control characters but \\n and \\t, no trailing blanks, at most one blank line."""
     text = unicodedata.normalize("NFC", text)
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _LINE_BREAKS.sub("\n", text)
+    text = _WORD_SEPARATORS.sub(" ", text)
     text = _CONTROL_CHARS.sub("", text)
     text = "\n".join(line.rstrip() for line in text.split("\n"))
     text = _BLANK_LINE_RUNS.sub("\n\n", text)

@@ -79,7 +79,8 @@ def read_rows(path):
 
 def test_normalize_newlines_controls_and_blank_lines():
     raw = "  Title\r\nline one\rline two\x00\x07\x1b\x7f\x85 end\t\x0b \r\n\r\n\r\n\r\n\tindented\n\n"
-    assert normalize_text(raw) == "Title\nline one\nline two end\n\n\tindented"
+    # NEL (\x85) and VT (\x0b) break lines; the other control characters go.
+    assert normalize_text(raw) == "Title\nline one\nline two\n end\n\n\tindented"
 
 
 def test_normalize_composes_to_nfc():
@@ -249,3 +250,8 @@ def test_corrupt_shard_and_empty_input_are_clear_errors(tmp_path):
     with pytest.raises(DataIntegrityError, match=r"docs: no \*\.parquet document shards"):
         STAGE.run(root, CleanConfig(), {"extract": "none"})
     assert Store(root).latest("clean") is None
+
+
+def test_separator_characters_become_whitespace_not_glue():
+    text = "end of page\x0cNext page\x85line two\x1fword\u2028last\x0bline\x00!"
+    assert normalize_text(text) == "end of page\nNext page\nline two word\nlast\nline!"
