@@ -362,9 +362,12 @@ def copy_local(path: Path, partial: Path, chunk_bytes: int) -> None:
         raise TransientError(f"{path}: changed while being copied")
 
 
-def fetch_source(source: Source, dest: Path, cfg: DownloadConfig, log: Any) -> dict[str, Any]:
+def fetch_source(
+    source: Source, dest: Path, cfg: DownloadConfig, log: Any, identity: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Fetch one source into `dest` (via `dest.partial`) and check it; returns its metrics record (url,
-    bytes, sha256, etag, last_modified, resumes).
+    bytes, sha256, etag, last_modified, resumes). `identity` is what the version id was made from: an HTTP
+    fetch must get the file with that ETag.
 
     A `dest` already complete from an earlier attempt of this version is kept as it is.
     """
@@ -376,8 +379,8 @@ def fetch_source(source: Source, dest: Path, cfg: DownloadConfig, log: Any) -> d
     path = local_path(source.url)
     started = time.monotonic()
     if path is None:
-        # The version id was made from the ETag a HEAD saw a moment ago; the GET must fetch that same file.
-        expected = None if source.sha256 else source_identity(source, cfg.timeout_seconds).get("etag")
+        # The version id was made from the ETag the identity's HEAD saw; the GET must fetch that same file.
+        expected = (identity or {}).get("etag")
         got = fetch_http(source.url, partial, cfg, log, expected_etag=expected)
     else:
         copy_local(_local_file(source.url, path), partial, cfg.chunk_bytes)
@@ -399,7 +402,11 @@ def build(ctx: StageContext, cfg: DownloadConfig) -> dict[str, Any]:
     # Scratch names carry the source's index, so no source's file can be taken for another's partial.
     names = archive_names([source.url for source in cfg.sources])
     scratch = [ctx.work / f"{i:03d}-{name}" for i, name in enumerate(names)]
-    fetched = [fetch_source(source, path, cfg, ctx.log) for source, path in zip(cfg.sources, scratch, strict=True)]
+    identities = ctx.identity or [None] * len(cfg.sources)
+    fetched = [
+        fetch_source(source, path, cfg, ctx.log, identity)
+        for source, path, identity in zip(cfg.sources, scratch, identities, strict=True)
+    ]
     archives = ctx.out / ARCHIVES
     archives.mkdir()
     for record, path, name in zip(fetched, scratch, names, strict=True):

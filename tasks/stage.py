@@ -48,6 +48,7 @@ class StageContext:
     out: Path  # the temporary folder that becomes the version
     log: logging.Logger | logging.LoggerAdapter
     metrics: dict[str, Any] = field(default_factory=dict)
+    identity: Any = None  # what the stage's identity hook returned (the version id was made from it)
     # Fraction done (0..1) of a long stage; shown in the Prefect UI when the stage runs as a task.
     progress: Callable[[float], None] = field(default=lambda fraction: None)
 
@@ -112,7 +113,7 @@ class Stage:
             return StageRef(self.name, version, reused=True)
 
         def build(out: Path) -> dict[str, Any]:
-            ctx = StageContext(store, self.name, version, versions, out, log)
+            ctx = StageContext(store, self.name, version, versions, out, log, identity=identity)
             if progress is not None:
                 ctx.progress = progress
             metrics = self.build(ctx, cfg) or {}

@@ -30,6 +30,7 @@ class Behaviour:
     status: int | None = None  # answer every request with this status instead
     drop_first_gets: int = 0  # this many GETs send half the body, then cut the connection
     honour_range: bool = True
+    change_after_head: tuple[bytes, str] | None = None  # (body, etag) the file becomes right after a HEAD
     requests: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
 
     def gets(self) -> list[dict[str, str]]:
@@ -59,6 +60,9 @@ class Handler(BaseHTTPRequestHandler):
         self._validators()
         self.send_header("Content-Length", str(len(self.behaviour.body)))
         self.end_headers()
+        if self.behaviour.change_after_head:
+            self.behaviour.body, self.behaviour.etag = self.behaviour.change_after_head
+            self.behaviour.change_after_head = None
 
     def do_GET(self) -> None:
         self._record()
@@ -314,3 +318,14 @@ def test_runtime_settings_do_not_change_the_version(tmp_path):
     slow = config(str(source), timeout_seconds=600, chunk_bytes=4096, resume_attempts=20, backoff_seconds=5)
     assert download(tmp_path, config(str(source))).version == download(tmp_path, slow).version
     assert os.path.exists(tmp_path / "store" / "download" / "latest")
+
+
+def test_a_file_that_changes_after_its_identity_was_taken_is_not_stored_under_that_identity(tmp_path, server):
+    base, behaviour = server
+    behaviour.change_after_head = (b"newer " * 1000, '"v2"')
+    cfg = config(f"{base}/data.xz")
+    with pytest.raises(TransientError, match="changed while being fetched"):
+        download(tmp_path, cfg)
+    assert nothing_published(tmp_path)
+    ref = download(tmp_path, cfg)  # the retry sees the new identity, so the new file gets its own version
+    assert archive(tmp_path, ref, "data.xz") == b"newer " * 1000
