@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     gc = store_sub.add_parser("gc", help="remove versions no latest pointer or recent run uses")
     gc.add_argument("--keep-runs", type=int, default=5)
     gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument(
+        "--scratch", action="store_true", help="also drop unfinished versions' resume state (partials, checkpoints)"
+    )
 
     gen = sub.add_parser("generate", help="sample text from a model in the store")
     gen.add_argument("--storage", default=default_storage())
@@ -163,7 +166,7 @@ def cmd_storage(args: argparse.Namespace) -> int:
         stage, version = store.find(args.version)
         print(json.dumps(store.manifest(stage, version), indent=2))
     elif args.action == "gc":
-        removed = store.gc(keep_runs=args.keep_runs, dry_run=args.dry_run)
+        removed = store.gc(keep_runs=args.keep_runs, dry_run=args.dry_run, scratch=args.scratch)
         verb = "would remove" if args.dry_run else "removed"
         for item in removed:
             print(f"{verb} {item}")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -231,10 +232,9 @@ class Store:
                 raise StoreError(f"{stage}: input {name}/{input_version} is not in the store at {self.root}")
         final = self.path(stage, version)
         with self.lock(stage, version):
+            self._recover(stage, version)
             if self.has(stage, version) and not replace:
                 return False
-            for leftover in final.parent.glob(f".tmp-{version}-*"):
-                shutil.rmtree(leftover, ignore_errors=True)  # from a writer that died: we hold the lock
             tmp = final.parent / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
             try:
@@ -266,6 +266,20 @@ class Store:
         self.set_latest(stage, version)
         return True
 
+    def _recover(self, stage: str, version: str) -> None:
+        """Undo what a writer of `stage/version` that died left behind; the caller holds the version's lock.
+
+        A forced rebuild swaps the old version out (to .trash-*) and the new one in with two renames; a
+        crash between them leaves no version in place, so the old one is put back. Unfinished builds
+        (.tmp-*) and swapped-out versions are then removed.
+        """
+        final = self.path(stage, version)
+        trash = sorted(final.parent.glob(f".trash-{version}-*"), key=lambda p: p.stat().st_mtime)
+        if not final.exists() and trash and (trash[-1] / MANIFEST).is_file():
+            os.rename(trash.pop(), final)
+        for leftover in [*trash, *final.parent.glob(f".tmp-{version}-*")]:
+            shutil.rmtree(leftover, ignore_errors=True)
+
     @staticmethod
     def _describe_files(folder: Path) -> dict[str, dict[str, Any]]:
         files = {}
@@ -291,17 +305,27 @@ class Store:
         return sorted(records, key=lambda r: r.get("started_at", ""))
 
     # -- garbage collection ---------------------------------------------------------------------------
-    def gc(self, keep_runs: int = 5, dry_run: bool = False) -> list[str]:
-        """Remove versions that neither a `latest` pointer nor the last `keep_runs` runs reach.
+    def gc(self, keep_runs: int = 5, dry_run: bool = False, scratch: bool = False) -> list[str]:
+        """Remove versions that neither a `latest` pointer, the last `keep_runs` runs, nor a run still going
+        reach. What a kept version was built from (its lineage) is kept too. Returns "stage/version" of each
+        removed version.
 
-        What a kept version was built from (its lineage) is kept too. Returns "stage/version" of each
-        removed version; leftovers of crashed writers and finished scratch folders go as well.
+        Leftovers of writers that died go as well (a version half swapped out by a crashed forced rebuild
+        is put back first), and the scratch of versions that are complete. With `scratch`, the scratch of
+        unfinished versions goes too (download partials, training checkpoints: their resume state), except
+        where a build holds the version's lock.
         """
+        if not dry_run:  # first, so that a version put back by recovery counts as present below
+            for stage in self.stages():
+                for leftover in list(self.stage_dir(stage).glob(".t*-*")):  # .tmp-* and .trash-*
+                    self._sweep(stage, leftover.name.split("-")[1], lambda version: None)
         keep: set[tuple[str, str]] = set()
         for stage in self.stages():
             if (version := self.latest(stage)) is not None:
                 keep.add((stage, version))
-        for record in self.runs()[-keep_runs:] if keep_runs > 0 else []:
+        records = self.runs()
+        recent = records[-keep_runs:] if keep_runs > 0 else []
+        for record in [*recent, *(r for r in records if _still_running(r))]:
             for stage, info in record.get("stages", {}).items():
                 if info.get("version") and self.has(stage, info["version"]):
                     keep.add((stage, info["version"]))
@@ -314,18 +338,38 @@ class Store:
                     todo.append((name, input_version))
         removed = []
         for stage in self.stages():
-            for manifest in self.versions(stage):
-                if (stage, manifest["version"]) not in keep:
-                    removed.append(f"{stage}/{manifest['version']}")
-                    if not dry_run:
-                        with self.lock(stage, manifest["version"], timeout=5.0):
-                            shutil.rmtree(self.path(stage, manifest["version"]))
-            if not dry_run:
-                for leftover in self.stage_dir(stage).glob(".t*-*"):  # .tmp-* and .trash-*
-                    version = leftover.name.split("-")[1]
-                    try:
-                        with self.lock(stage, version, timeout=0.0):
-                            shutil.rmtree(leftover, ignore_errors=True)
-                    except TransientError:
-                        continue  # a writer is alive: its folder is not a leftover
+            folder = self.stage_dir(stage)
+            drop = [m["version"] for m in self.versions(stage) if (stage, m["version"]) not in keep]
+            for version in drop:
+                if dry_run or self._sweep(stage, version, lambda v, s=stage: shutil.rmtree(self.path(s, v))):
+                    removed.append(f"{stage}/{version}")
+            if not dry_run and (folder / ".work").is_dir():
+                for work in list((folder / ".work").iterdir()):
+                    if scratch or self.has(stage, work.name):
+                        self._sweep(stage, work.name, lambda v, s=stage: self.clear_work(s, v))
         return removed
+
+    def _sweep(self, stage: str, version: str, remove: Callable[[str], None]) -> bool:
+        """`remove(version)` after recovering the version's leftovers, unless a live writer holds it."""
+        try:
+            with self.lock(stage, version, timeout=0.0):
+                self._recover(stage, version)
+                remove(version)
+                return True
+        except TransientError:
+            return False  # a writer is at work on this version: nothing of it is a leftover
+
+
+def _still_running(record: dict[str, Any]) -> bool:
+    """A run whose record says running, unless it is known dead (same host, its process gone)."""
+    if record.get("status") != "running":
+        return False
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return True  # cannot tell from here: assume it is alive
+    try:
+        os.kill(record["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,5 +1,7 @@
 """The run record: which version of each stage one pipeline run used or made (storage/runs/<run_id>.json)."""
 
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,6 +22,9 @@ class RunRecorder:
             "started_at": datetime.now(UTC).isoformat(),
             "finished_at": None,
             "status": "running",
+            # Which process writes this record: gc keeps a running run's versions while it is alive.
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
             **info,
             "stages": {},
         }

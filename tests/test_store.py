@@ -4,6 +4,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -195,3 +196,46 @@ def test_runs_find_and_gc_keep_lineage(tmp_path):
 def test_bad_names_are_refused(tmp_path, bad):
     with pytest.raises(ValueError):
         Store(tmp_path).path(bad or "s", bad)
+
+
+def test_a_crash_between_the_two_renames_of_a_forced_rebuild_is_undone(tmp_path):
+    store = Store(tmp_path)
+    publish(store, "s", "v1", {"a": b"old"})
+    # The first rename of a forced rebuild happened, the second did not: no version in place.
+    os.rename(tmp_path / "s" / "v1", tmp_path / "s" / ".trash-v1-0badf00d")
+    assert not store.has("s", "v1")
+    assert not publish(store, "s", "v1", {"a": b"new"})  # the old version is back, so nothing is rebuilt
+    assert (tmp_path / "s" / "v1" / "a").read_bytes() == b"old"
+    os.rename(tmp_path / "s" / "v1", tmp_path / "s" / ".trash-v1-0badf00d")
+    store.gc()
+    assert (tmp_path / "s" / "v1" / "a").read_bytes() == b"old"  # gc puts it back rather than deleting it
+    assert not list((tmp_path / "s").glob(".trash-*"))
+
+
+def test_gc_keeps_what_a_live_run_uses_and_forgets_dead_runs(tmp_path):
+    store = Store(tmp_path)
+    publish(store, "a", "in-use", {"f": b"1"})
+    publish(store, "a", "newer", {"f": b"2"})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    base = {"started_at": "2026-01-02", "status": "running", "host": socket.gethostname()}
+    store.write_run("live", {**base, "pid": os.getpid(), "stages": {"a": {"version": "in-use"}}})
+    store.write_run("old", {"started_at": "2026-01-01", "status": "completed", "stages": {}})
+    store.write_run("newest", {"started_at": "2026-01-03", "status": "completed", "stages": {}})
+    assert store.gc(keep_runs=1) == []  # "in-use" is neither latest nor in the newest run, but a live run uses it
+    store.write_run("live", {**base, "pid": int(dead.stdout), "stages": {"a": {"version": "in-use"}}})
+    assert store.gc(keep_runs=1) == ["a/in-use"]
+
+
+def test_gc_clears_scratch_of_complete_versions_and_of_others_only_when_asked(tmp_path):
+    store = Store(tmp_path)
+    publish(store, "s", "done", {"f": b"1"})
+    (store.work_dir("s", "done") / "left.partial").write_bytes(b"x")
+    (store.work_dir("s", "unfinished") / "checkpoint.pt").write_bytes(b"x")
+    store.gc()
+    assert not (tmp_path / "s" / ".work" / "done").exists()
+    assert (tmp_path / "s" / ".work" / "unfinished" / "checkpoint.pt").exists()  # resume state stays
+    with store.lock("s", "unfinished"):
+        store.gc(scratch=True)  # a build holds it: untouched
+        assert (tmp_path / "s" / ".work" / "unfinished").exists()
+    store.gc(scratch=True)
+    assert not (tmp_path / "s" / ".work" / "unfinished").exists()
