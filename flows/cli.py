@@ -23,6 +23,10 @@ from flows.plan import STAGE_ORDER
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
+class UsageError(Exception):
+    """Options or settings that cannot work together: exit 2 before any work starts."""
+
+
 def _quiet_prefect_defaults() -> None:
     """Offline-friendly Prefect settings, unless the user set them: no telemetry, a patient ephemeral start."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -112,16 +116,24 @@ def hide_user_error_tracebacks() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from flows.config import load_config
-    from flows.pipeline import pipeline
-    from flows.plan import StageSelection
+    from flows.pipeline import STAGE_INPUTS, pipeline
+    from flows.plan import StageSelection, check_options, plan_stages
+    from storage.errors import GptflowError
 
     hide_user_error_tracebacks()
-
-    selection = StageSelection(only=args.only, from_stage=args.from_stage, until=args.until, force=args.force)
-    config = load_config(args.preset, args.config) if args.config else None
-    if config is None:
-        load_config(args.preset)  # an unknown preset is a usage error before any work starts
+    try:  # every mistake in the options is found before any work starts
+        selection = StageSelection(only=args.only, from_stage=args.from_stage, until=args.until, force=args.force)
+        config = load_config(args.preset, args.config) if args.config else None
+        if config is None:
+            load_config(args.preset)
+        check_options(plan_stages(selection, STAGE_INPUTS), selection, args.source)
+    except (GptflowError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            raise
+        raise UsageError(_one_line(exc)) from exc
     record = pipeline(storage=args.storage, preset=args.preset, sources=args.source, config=config, selection=selection)
     print_run(record)
     return 0
@@ -221,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gptflow: interrupted; completed stages stay in the store", file=sys.stderr)
         return 130
+    except UsageError as exc:
+        print(f"gptflow: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         print(f"gptflow: error: invalid settings: {problems}", file=sys.stderr)

@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, Preset, preset_config
-from flows.plan import StageSelection, plan_stages
+from flows.plan import StageSelection, check_options, plan_stages
 from storage.store import StageRef, Store
 from tasks import clean, dedup, download, evaluate, extract, finetune, pretrain, quantize, tokenizer, tokens
 from tasks.runs import RunRecorder
@@ -22,6 +22,8 @@ STAGES = {
     module.STAGE.name: (module.STAGE, getattr(module, f"{module.STAGE.name}_task"))
     for module in (download, extract, clean, dedup, tokenizer, tokens, pretrain, finetune, quantize, evaluate)
 }
+
+STAGE_INPUTS = {name: stage.inputs for name, (stage, _) in STAGES.items()}
 
 
 @flow(name="gptflow-pipeline", description="Archives to an evaluated, quantized GPT; every stage versioned.")
@@ -37,7 +39,8 @@ def pipeline(
     store = Store(storage)
     selection = selection or StageSelection()
     cfg = config or preset_config(preset)
-    plan = plan_stages(selection, {name: stage.inputs for name, (stage, _) in STAGES.items()})
+    plan = plan_stages(selection, STAGE_INPUTS)
+    check_options(plan, selection, sources)
     if sources:
         cfg = cfg.with_sources(sources)
     if "download" in plan.run and not cfg.sources:

@@ -62,3 +62,15 @@ def plan_stages(selection: StageSelection, inputs: dict[str, tuple[str, ...]]) -
         run = STAGE_ORDER[start:stop]
     needed = {name for stage in run for name in inputs[stage]} - set(run)
     return Plan(run=run, from_store=tuple(s for s in STAGE_ORDER if s in needed))
+
+
+def check_options(plan: Plan, selection: StageSelection, sources: list[str] | None) -> None:
+    """Options that the planned stages would silently ignore are mistakes: say so before any work."""
+    problems = []
+    outside = [stage for stage in selection.force if stage not in plan.run]
+    if outside:
+        problems.append(f"--force {', '.join(outside)}: not among the stages this run executes ({', '.join(plan.run)})")
+    if sources and "download" not in plan.run:
+        problems.append("--source is read by the download stage, which this run does not execute")
+    if problems:
+        raise ValueError("; ".join(problems))

@@ -173,6 +173,17 @@ class Store:
         ]
         return sorted(found, key=lambda m: m["created_at"])
 
+    def lineage(self, stage: str, version: str) -> dict[str, str]:
+        """Every version `stage/version` was built from, directly or not: {stage: version}."""
+        found: dict[str, str] = {}
+        todo = [(stage, version)]
+        while todo:
+            for name, input_version in self.manifest(*todo.pop()).get("inputs", {}).items():
+                if name not in found:
+                    found[name] = input_version
+                    todo.append((name, input_version))
+        return found
+
     def find(self, version: str) -> tuple[str, str]:
         """The (stage, version) whose id is `version` or starts with it."""
         hits = [

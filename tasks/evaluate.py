@@ -250,6 +250,11 @@ def resolve(device: str) -> torch.device:
 
 
 def build(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
+    # The models compared must be one lineage, scored on the data they were trained on.
+    for model_stage in ("pretrain", "finetune", "quantize"):
+        ctx.require_common_ancestor(model_stage, "tokens")
+    ctx.require_common_ancestor("finetune", "pretrain")
+    ctx.require_common_ancestor("quantize", "finetune")
     device = resolve(cfg.device)
     tokens_dir = ctx.input_path("tokens")
     meta = read_meta(tokens_dir)

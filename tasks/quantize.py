@@ -105,6 +105,7 @@ def quantize_model(ctx: StageContext, cfg: QuantizeConfig, source: Path) -> dict
 
 
 def build(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
+    ctx.require_common_ancestor("finetune", "tokens")  # the loss change is measured on the model's own data
     report = quantize_model(ctx, cfg, ctx.input_path("finetune"))
     atomic_write_json(ctx.out / REPORT, report)
     ctx.log.info(

@@ -20,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict
 
-from storage.errors import GptflowError, StoreError, TransientError
+from storage.errors import ConfigError, GptflowError, StoreError, TransientError
 from storage.fingerprint import code_fingerprint
 from storage.store import StageRef, Store, version_id
 from tasks.artifacts import ProgressArtifact, publish_summary
@@ -57,6 +57,16 @@ class StageContext:
 
     def input_manifest(self, stage: str) -> dict[str, Any]:
         return self.store.manifest(stage, self.inputs[stage])
+
+    def require_common_ancestor(self, input_stage: str, ancestor: str) -> None:
+        """The input `input_stage` must have been built from the very `ancestor` version this stage was given
+        (with --only or --from, each input is simply the latest of its stage, and latest pointers move)."""
+        built_from = self.store.lineage(input_stage, self.inputs[input_stage]).get(ancestor)
+        if built_from is not None and built_from != self.inputs[ancestor]:
+            raise ConfigError(
+                f"{self.stage}: {input_stage}/{self.inputs[input_stage]} was built from {ancestor}/{built_from}, "
+                f"not from the {ancestor}/{self.inputs[ancestor]} given here: rerun the stages between them"
+            )
 
     @property
     def work(self) -> Path:

@@ -48,6 +48,17 @@ def test_a_missing_source_is_one_line_on_stderr_without_a_traceback(tmp_path):
 def test_usage_errors_exit_2_before_any_work(tmp_path):
     result = gptflow("run", "--storage", str(tmp_path / "store"), "--only", "nonsense")
     assert result.returncode == 2 and "invalid choice: 'nonsense'" in result.stderr
+    for args, message in [
+        (["--only", "tokens", "--source", "x.tar"], "--source is read by the download stage"),
+        (["--until", "clean", "--force", "pretrain"], "--force pretrain: not among the stages this run executes"),
+        (["--config", str(tmp_path / "missing.yaml")], "missing.yaml: no such settings file"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+    ]:
+        result = gptflow("run", "--storage", str(tmp_path / "store"), *args)
+        assert result.returncode == 2, args
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("gptflow: error: ") and message in line
+    assert not (tmp_path / "store").exists()
     result = gptflow("storage", "--storage", str(tmp_path / "store"), "show", "abc")
     assert result.returncode == 2
     assert result.stderr.strip() == f"gptflow: error: no version in {tmp_path / 'store'} match 'abc'"

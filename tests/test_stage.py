@@ -45,6 +45,16 @@ DOWNSTREAM = Stage(
 )
 
 
+def joining_build(ctx, cfg: CountingConfig) -> dict:
+    ctx.require_common_ancestor("downstream", "counting")
+    return {}
+
+
+JOIN = Stage(
+    name="join", module="tasks.stage", config=CountingConfig, build=joining_build, inputs=("counting", "downstream")
+)
+
+
 def attempts(cfg: CountingConfig) -> int:
     return int(Path(cfg.counter).read_text())
 
@@ -144,3 +154,15 @@ def test_prefect_retries_transient_faults_and_fails_bad_data_at_once(prefect_har
     assert not completed and attempts(corrupt) == 1
     assert isinstance(error, DataIntegrityError) and "x.tar.xz is truncated" in str(error)
     assert Store(tmp_path / "store").latest("counting") == COUNTING.version(flaky, {})
+
+
+def test_inputs_from_different_lineages_are_refused(tmp_path):
+    store_dir = tmp_path / "store"
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    a1 = COUNTING.run(store_dir, cfg)
+    a2 = COUNTING.run(store_dir, cfg.model_copy(update={"value": 2}))
+    b_on_a1 = DOWNSTREAM.run(store_dir, cfg, {"counting": a1})
+    assert Store(store_dir).lineage("downstream", b_on_a1.version) == {"counting": a1.version}
+    with pytest.raises(ConfigError, match=f"downstream/{b_on_a1.version} was built from counting/{a1.version}"):
+        JOIN.run(store_dir, cfg, {"counting": a2, "downstream": b_on_a1})
+    assert not JOIN.run(store_dir, cfg, {"counting": a1, "downstream": b_on_a1}).reused
