@@ -7,6 +7,9 @@ Reads the real OpenWebText layout and its simpler relatives, recognised by magic
         NNNNNNN-<md5>.txt                            (one document per regular-file member)
 
 an inner `*_data.xz` given directly, or a plain tar of .txt files. Compression: xz, gzip, bzip2, zstd.
+A member is opened as an archive only when it is a tar, or decompresses to one: a text that merely starts
+with a compression's magic bytes is a document. Damage any decompressor reports fails the stage (or, with
+`skip_corrupt`, drops the archive) with one line naming the archive and member.
 Everything streams (tar "r|" mode over nested decompressors), so no archive is ever held in memory whole
 but a nested one of at most MAX_SHIPPED_ARCHIVE_BYTES, and members are never written to disk: a hostile
 name such as `../../etc/passwd` is only data. A member larger than `max_doc_bytes` is skipped unread.
@@ -81,15 +84,15 @@ MAX_SHIPPED_ARCHIVE_BYTES = 32 << 20
 # itself, streaming, so that the results waiting in memory stay bounded.
 MAX_SHIPPED_TEXT_CHARS = 64 << 20
 _ARCHIVE_SUFFIXES = (".tar", ".xz", ".txz", ".tgz", ".gz", ".bz2", ".zst", ".zstd")
-# Damage that surfaces while decompressing or walking a tar stream.
-_CORRUPTION = (
-    EOFError,
-    lzma.LZMAError,
-    zlib.error,
-    gzip.BadGzipFile,
-    tarfile.TarError,
-    zstandard.ZstdError,
-)
+# How much of a member that starts like a compressed stream is read to see whether it holds a tar: bzip2
+# emits nothing until its first block (900 kB at most, a little more when incompressible) is whole; xz,
+# gzip and zstd (128 KiB blocks) emit sooner. Past it, the member is taken for a damaged archive.
+_PROBE_BYTES = 2 << 20
+# zstd input fed to the decompressor per step. Its densest block (RLE) turns 4 bytes into 128 KiB, so one
+# step can emit at most ~4 MiB, whatever the stream: a bomb is read in bounded pieces.
+_ZSTD_STEP = 128
+# Errors the decompressors raise for damaged or truncated data (bz2 reports damage as a bare OSError).
+_DECOMPRESSION_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError)
 
 
 class ExtractConfig(StageConfig):
@@ -137,69 +140,161 @@ class ExtractConfig(StageConfig):
 
 
 class _Corrupt(Exception):
-    """A stream that decompresses but does not hold what it should (a tar)."""
+    """Damaged data: a stream that does not decompress, or does not hold what it should (a tar)."""
+
+
+class _Rejected(_Corrupt):
+    """Bytes a decompressor refuses outright, as opposed to a stream cut short (which is only `_Corrupt`):
+    in a member that merely starts like a compressed stream, the sign of a text that is no archive."""
 
 
 class _Peekable:
-    """A read-only stream whose first bytes can be looked at without consuming them (for magic bytes)."""
+    """A read-only stream whose first bytes can be looked at without consuming them (for magic bytes), and
+    bytes just read put back (a probed member's start)."""
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
         self._head = b""
+        self._pos = 0  # bytes of `_head` already read: it can hold megabytes, so it is never re-sliced per read
 
     def peek(self, n: int) -> bytes:
-        while len(self._head) < n:
-            chunk = self._raw.read(n - len(self._head))
-            if not chunk:
-                break
-            self._head += chunk
-        return self._head[:n]
+        if len(self._head) - self._pos < n:
+            parts = [self._head[self._pos :]]
+            have = len(parts[0])
+            while have < n:
+                chunk = self._raw.read(n - have)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                have += len(chunk)
+            self._head, self._pos = b"".join(parts), 0
+        return self._head[self._pos : self._pos + n]
+
+    def unread(self, data: bytes) -> None:
+        """Put back `data`, just read from this stream, to be read again first."""
+        self._head, self._pos = data + self._head[self._pos :], 0
 
     def read(self, n: int | None = -1) -> bytes:
-        if not self._head:
+        if self._pos == len(self._head):
             return self._raw.read(n)
         if n is None or n < 0:
-            data, self._head = self._head + self._raw.read(), b""
-            return data
-        data, self._head = self._head[:n], self._head[n:]
+            data = self._head[self._pos :] + self._raw.read()
+        else:
+            data = self._head[self._pos : self._pos + n]
+        self._pos += len(data)
+        if self._pos >= len(self._head):
+            self._head, self._pos = b"", 0
+        return data
+
+
+class _Source:
+    """The compressed stream under a decompressor. Remembers whether reading it failed, so that its errors
+    are never taken for damage in the data; while probing, keeps the bytes it gave, up to `keep_up_to`,
+    and then reports an end there."""
+
+    def __init__(self, raw: Any, keep_up_to: int | None = None) -> None:
+        self._raw = raw
+        self.keep_up_to = keep_up_to
+        self.kept = bytearray()
+        self.failed = False
+
+    def read(self, n: int | None = -1) -> bytes:
+        if self.keep_up_to is not None:
+            room = self.keep_up_to - len(self.kept)
+            if room <= 0:
+                return b""
+            n = room if n is None or n < 0 else min(n, room)
+        try:
+            data = self._raw.read(n)
+        except Exception:
+            self.failed = True
+            raise
+        if self.keep_up_to is not None:
+            self.kept += data
         return data
 
 
 class _ZstdReader:
-    """Streaming zstd that, unlike zstandard's stream_reader, reports a truncated frame (EOFError)."""
+    """Streaming zstd that, unlike zstandard's stream_reader, reports a truncated frame (EOFError). Input is
+    fed in _ZSTD_STEP pieces only while fewer than the bytes asked for are waiting, so what it holds stays
+    within a read's size plus one step's output."""
 
     def __init__(self, raw: Any, chunk: int = 1 << 16) -> None:
         self._raw = raw
         self._chunk = chunk
         self._decompressor = zstandard.ZstdDecompressor()
         self._frame = self._decompressor.decompressobj()
-        self._out = b""
+        self._input = memoryview(b"")
+        self._carry = b""  # what followed a frame's end in the last piece: the start of the next frame
+        self._out = bytearray()
+        self._pos = 0  # bytes of `_out` already returned; dropped only when refilling, never re-sliced
         self._ended = False
 
     def __enter__(self) -> "_ZstdReader":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._out = b""
+        self._out = bytearray()
+        self._input = memoryview(b"")
+
+    def _step(self) -> bool:
+        """Decompress one piece of input into `_out`; False at the end of the input."""
+        if self._carry:
+            piece, self._carry = self._carry, b""
+        else:
+            if not self._input:
+                data = self._raw.read(self._chunk)
+                if not data:
+                    if not self._frame.eof:
+                        raise EOFError("zstd stream ended inside a frame")
+                    return False
+                self._input = memoryview(data)
+            piece, self._input = self._input[:_ZSTD_STEP], self._input[_ZSTD_STEP:]
+        if self._frame.eof:  # concatenated frames: start the next one
+            self._frame = self._decompressor.decompressobj()
+        self._out += self._frame.decompress(piece)
+        if self._frame.eof:
+            self._carry = self._frame.unused_data
+        return True
 
     def read(self, n: int | None = -1) -> bytes:
-        while not self._ended and (n is None or n < 0 or len(self._out) < n):
-            data = self._raw.read(self._chunk)
-            if not data:
-                if not self._frame.eof:
-                    raise EOFError("zstd stream ended inside a frame")
-                self._ended = True
-                break
-            while data:
-                if self._frame.eof:  # concatenated frames: start the next one
-                    self._frame = self._decompressor.decompressobj()
-                self._out += self._frame.decompress(data)
-                data = self._frame.unused_data if self._frame.eof else b""
-        if n is None or n < 0:
-            out, self._out = self._out, b""
-        else:
-            out, self._out = self._out[:n], self._out[n:]
+        everything = n is None or n < 0
+        if self._pos and (everything or len(self._out) - self._pos < n):
+            del self._out[: self._pos]  # fewer than n bytes are left: a cheap move
+            self._pos = 0
+        while not self._ended and (everything or len(self._out) - self._pos < n):
+            self._ended = not self._step()
+        end = len(self._out) if everything else min(len(self._out), self._pos + n)
+        with memoryview(self._out) as view:
+            out = bytes(view[self._pos : end])
+        self._pos = end
         return out
+
+
+class _Decoded:
+    """A decompressed stream whose damage, whatever the decompressor calls it, is raised as `_Corrupt`: a
+    stream cut short as such, data the decompressor refuses as `_Rejected`. An error of the stream underneath
+    passes unchanged."""
+
+    def __init__(self, kind: str, source: _Source) -> None:
+        self.kind = kind
+        self._source = source
+        self._file = _decompressor(kind, source)
+
+    def __enter__(self) -> "_Decoded":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.__exit__(*exc)
+
+    def read(self, n: int | None = -1) -> bytes:
+        try:
+            return self._file.read(n)
+        except _DECOMPRESSION_ERRORS as exc:
+            if self._source.failed:
+                raise
+            damage = _Corrupt if isinstance(exc, EOFError) else _Rejected
+            raise damage(f"{self.kind} data: {type(exc).__name__}: {exc}") from exc
 
 
 def compression_of(head: bytes) -> str | None:
@@ -216,10 +311,36 @@ def compression_of(head: bytes) -> str | None:
 
 
 def is_tar(head: bytes) -> bool:
-    """A ustar header, or the all-zero block that ends (here: is all of) an empty tar."""
-    return head[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + 5] == b"ustar" or (
-        len(head) >= _BLOCK and not head[:_BLOCK].strip(b"\0")
-    )
+    """A ustar header whose checksum holds, or the all-zero block that ends (here: is all of) an empty tar.
+    The checksum keeps a text that happens to read "ustar" at byte 257 from passing for an archive."""
+    block = head[:_BLOCK]
+    if len(block) == _BLOCK and not block.strip(b"\0"):
+        return True
+    if block[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + 5] != b"ustar":
+        return False
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+def _holds_tar(body: "_Peekable", kind: str) -> bool:
+    """Whether a member that starts with `kind`'s magic bytes is a compressed tar. No when its first block
+    is no tar header, or when the decompressor refuses the bytes: ordinary text may start like a compressed
+    stream. Yes when the stream ends (or yields nothing in _PROBE_BYTES) first: an archive cut short, which
+    parsing it then reports as the member's damage. Reads at most _PROBE_BYTES and puts them back, so that
+    `body` is read from its start again."""
+    source = _Source(body, keep_up_to=_PROBE_BYTES)
+    try:
+        with _Decoded(kind, source) as decoded:
+            return is_tar(_Peekable(decoded).peek(_BLOCK))
+    except _Corrupt as exc:
+        if source.failed:  # the archive around the member is damaged, not the member
+            raise
+        return not isinstance(exc, _Rejected)
+    finally:
+        body.unread(bytes(source.kept))
 
 
 def _decompressor(kind: str, stream: Any) -> Any:
@@ -400,7 +521,7 @@ class _Parser:
             with ExitStack() as stack:
                 kind = compression_of(stream.peek(_BLOCK))
                 if kind is not None:
-                    stream = _Peekable(stack.enter_context(_decompressor(kind, stream)))
+                    stream = _Peekable(stack.enter_context(_Decoded(kind, _Source(stream))))
                 if not is_tar(stream.peek(_BLOCK)):
                     raise _Corrupt(f"the {kind or 'plain'} stream does not hold a tar archive")
                 tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedTarInfo))
@@ -413,7 +534,10 @@ class _Parser:
                         yield _Note("unsafe", name)
                     body = _Peekable(tar.extractfile(info))
                     head = body.peek(_BLOCK)
-                    if compression_of(head) is not None or is_tar(head):
+                    packed = compression_of(head)
+                    # A container by what it holds, not by its first bytes alone: a text that starts like
+                    # a compressed stream but is none, or holds no tar, is a document like any other.
+                    if is_tar(head) or (packed is not None and _holds_tar(body, packed)):
                         if depth + 1 > MAX_NESTING:
                             raise _Corrupt(f"{name} nests archives more than {MAX_NESTING} deep")
                         yield _Note("inner_archive", name)
@@ -446,8 +570,9 @@ class _Parser:
                 while stream.read(1 << 16):
                     pass
             yield from held
-        except (*_CORRUPTION, _Corrupt) as exc:
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        except (tarfile.TarError, _Corrupt) as exc:
+            reason = str(exc) if isinstance(exc, _Corrupt) else f"{type(exc).__name__}: {exc}"
+            reason = " ".join(reason.split())
             if not opts.skip_corrupt:
                 raise DataIntegrityError(f"{where}: truncated or corrupt archive ({reason})") from exc
             entry = {"archive": opts.source, "member": member, "error": reason}

@@ -51,6 +51,10 @@ def inner_xz(documents: list[str], first: int = 0) -> bytes:
     return lzma.compress(tar_bytes(members))
 
 
+def zstd(data: bytes) -> bytes:
+    return zstandard.ZstdCompressor().compress(data)
+
+
 def run_extract(tmp_path: Path, files: dict[str, bytes], **cfg):
     """Publish `files` as a download version, then extract it."""
     store = Store(tmp_path / "store")
@@ -128,6 +132,8 @@ def test_plain_outer_tar_of_inner_archives(tmp_path):
         ("docs.tar.gz", gzip.compress),
         ("docs.tar.bz2", bz2.compress),
         ("docs.tar.zst", lambda data: zstandard.ZstdCompressor().compress(data)),
+        # zstd frames one after another, each ending inside a piece of input the reader feeds on
+        ("frames.tar.zst", lambda data: b"".join(zstd(data[i : i + 700]) for i in range(0, len(data), 700))),
     ],
 )
 def test_a_single_tar_of_documents_in_every_supported_compression(tmp_path, name, pack):
@@ -320,6 +326,133 @@ def test_a_member_of_exactly_max_doc_bytes_is_kept(tmp_path):
     ref = run_extract(tmp_path, {"docs.tar": tar_bytes([("a.txt", b"12345"), ("b.txt", b"123456")])}, max_doc_bytes=5)
     assert read_docs(tmp_path, ref).column("text").to_pylist() == ["12345"]
     assert metrics(tmp_path, ref)["oversized_member_names"] == ["b.txt"]
+
+
+def traced_peak(run):
+    """(what `run()` returns, the peak of Python's traced memory while it ran)."""
+    tracemalloc.start()
+    try:
+        result = run()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_zstd_bomb_is_read_in_bounded_memory(tmp_path):
+    huge = 64 << 20  # zeros: zstd packs them ~32,000:1, into a few KB
+    bomb = zstd(b"\0" * huge)  # a member holding only zeros reads as an empty tar, to be read to its end
+    skipped = zstd(tar_bytes([("a.txt", b"small"), ("huge.txt", b"x" * huge), ("b.txt", b"also small")]))
+    files = {
+        "bomb.tar": tar_bytes([("x.txt", b"before"), ("bomb.zst", bomb), ("y.txt", b"after")]),
+        "docs.tar.zst": skipped,
+    }
+    ref, peak = traced_peak(lambda: run_extract(tmp_path, files, max_doc_bytes=1 << 20))
+    assert read_docs(tmp_path, ref).column("text").to_pylist() == ["before", "after", "small", "also small"]
+    m = metrics(tmp_path, ref)
+    assert (m["inner_archives"], m["oversized_member_names"]) == (1, ["huge.txt"])
+    assert peak < huge // 4
+
+
+def test_a_large_compressible_tar_zst_streams_as_xz_does(tmp_path):
+    # ~20 MB of text that zstd packs ~1000:1: one 64 KB piece of input would be the whole archive
+    whole = tar_bytes([(f"{i}.txt", f"Document {i} says the same again. ".encode() * 1500) for i in range(400)])
+    packed = zstd(whole)
+    zst, peak = traced_peak(lambda: run_extract(tmp_path / "zst", {"docs.tar.zst": packed}, shard_docs=20))
+    xz = run_extract(tmp_path / "xz", {"docs.tar.xz": lzma.compress(whole, preset=1)}, shard_docs=20)
+    assert read_docs(tmp_path / "zst", zst).column("text") == read_docs(tmp_path / "xz", xz).column("text")
+    assert metrics(tmp_path / "zst", zst)["docs"] == 400
+    assert peak < len(whole) // 4
+
+
+# -- damage and look-alikes ---------------------------------------------------------------------------
+
+
+def damaged_bzip2(documents: list[str]) -> bytes:
+    """A bzip2 tar whose stream checksum, in its last bytes, is wrong: everything decompresses, and bz2 then
+    reports the damage as a bare OSError("Invalid data stream")."""
+    packed = bytearray(bz2.compress(tar_bytes([(f"{i}.txt", text.encode()) for i, text in enumerate(documents)])))
+    packed[-2] ^= 0xFF
+    return bytes(packed)
+
+
+def test_a_damaged_bzip2_download_is_a_one_line_error_naming_it(tmp_path):
+    with pytest.raises(DataIntegrityError) as caught:
+        run_extract(tmp_path, {"docs.tar.bz2": damaged_bzip2(texts(3))})
+    message = str(caught.value)
+    assert message.startswith("docs.tar.bz2: truncated or corrupt archive (bzip2 data: OSError: Invalid data stream)")
+    assert "\n" not in message
+    assert nothing_published(tmp_path)
+
+
+def outer_with_damaged_bzip2() -> bytes:
+    return tar_bytes(
+        [
+            ("openwebtext/urlsf_subset00-1_data.xz", inner_xz(texts(3, "good"))),
+            ("openwebtext/urlsf_subset00-2_data.bz2", damaged_bzip2(texts(3, "bad"))),
+            ("openwebtext/urlsf_subset00-3_data.xz", inner_xz(texts(2, "also good"), first=6)),
+        ]
+    )
+
+
+def test_a_damaged_inner_bzip2_archive_is_named_and_skipped_with_any_worker_count(tmp_path):
+    files = {"urlsf_subset00.tar": outer_with_damaged_bzip2()}
+    messages = {}
+    for workers in (1, 2):
+        with pytest.raises(DataIntegrityError) as caught:
+            run_extract(tmp_path / f"fail{workers}", files, workers=workers)
+        messages[workers] = str(caught.value)
+    assert messages[2] == messages[1]
+    assert messages[1].startswith(
+        "urlsf_subset00.tar: openwebtext/urlsf_subset00-2_data.bz2: truncated or corrupt archive (bzip2 data: OSError"
+    )
+    one = outputs(tmp_path / "one", files, skip_corrupt=True)
+    two = outputs(tmp_path / "two", files, skip_corrupt=True, workers=2)
+    assert two == one
+    assert column(two[1], "text") == texts(3, "good") + texts(2, "also good")
+    [skipped] = two[2]["skipped"]
+    assert (skipped["member"], skipped["error"]) == (
+        "openwebtext/urlsf_subset00-2_data.bz2",
+        "bzip2 data: OSError: Invalid data stream",
+    )
+
+
+LOOKALIKES = [
+    ("bzip2.txt", b"BZh9 is the header that starts every bzip2 file."),
+    ("gzip.txt", b"\x1f\x8b starts every gzip file, then a method byte."),
+    ("xz.txt", b"\xfd7zXZ\x00 starts every xz file."),
+    ("zstd.txt", b"(\xb5/\xfd starts every zstd frame, then a header."),
+    ("ustar.txt", b"A text about tar. " * 14 + b"Then ustar at byte 257, where a tar header says it."),
+    ("notes.txt.gz", gzip.compress(b"compressed, but a text and not a tar")),
+]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_texts_that_start_like_an_archive_are_documents(tmp_path, workers):
+    assert LOOKALIKES[4][1][257:262] == b"ustar"
+    inner = lzma.compress(tar_bytes([("first.txt", b"first"), *LOOKALIKES]))
+    outer = tar_bytes(
+        [("openwebtext/urlsf_subset00-1_data.xz", inner), ("openwebtext/urlsf_subset00-2_data.xz", inner_xz(["last"]))]
+    )
+    files = {"urlsf_subset00.tar": outer, "plain.tar": tar_bytes(LOOKALIKES)}
+    _, shards, m = outputs(tmp_path, files, workers=workers)
+    expected = [data.decode("utf-8", "replace") for _, data in LOOKALIKES]
+    assert column(shards, "text") == expected + ["first", *expected, "last"]
+    assert column(shards, "member")[: len(LOOKALIKES)] == [name for name, _ in LOOKALIKES]
+    assert (m["inner_archives"], m["skipped"], m["invalid_utf8_docs"]) == (2, [], 8)
+
+
+@pytest.mark.parametrize("pack", [lzma.compress, gzip.compress, bz2.compress, zstd])
+def test_an_inner_archive_cut_short_is_corrupt_not_a_text(tmp_path, monkeypatch, pack):
+    packed = pack(tar_bytes([(f"{i}.txt", t.encode()) for i, t in enumerate(texts(20))]))
+    # half of it: bzip2, whose first block is then incomplete, has not yet given out a single byte
+    outer = tar_bytes([("a/whole_data", packed), ("a/cut_data", packed[: len(packed) // 2])])
+    with pytest.raises(DataIntegrityError, match="urlsf_subset00.tar: a/cut_data: truncated or corrupt"):
+        run_extract(tmp_path / "fail", {"urlsf_subset00.tar": outer})
+    for ship_up_to in (tasks.extract.MAX_SHIPPED_ARCHIVE_BYTES, 0):  # read whole, then streamed
+        monkeypatch.setattr(tasks.extract, "MAX_SHIPPED_ARCHIVE_BYTES", ship_up_to)
+        ref = run_extract(tmp_path / str(ship_up_to), {"urlsf_subset00.tar": outer}, skip_corrupt=True)
+        assert read_docs(tmp_path / str(ship_up_to), ref).column("text").to_pylist() == texts(20)
+        assert [s["member"] for s in metrics(tmp_path / str(ship_up_to), ref)["skipped"]] == ["a/cut_data"]
 
 
 # -- workers ------------------------------------------------------------------------------------------
