@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,10 +24,17 @@ def free_port() -> int:
 
 
 def wait_until(check, timeout: float, what: str):
+    """Poll `check` until it returns something; a server still starting may answer 5xx meanwhile."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if result := check():
-            return result
+        try:
+            if result := check():
+                return result
+        except urllib.error.HTTPError as error:
+            if error.code < 500:
+                raise
+        except urllib.error.URLError:
+            pass
         time.sleep(1)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
@@ -97,7 +105,8 @@ def test_served_deployments_run_when_triggered(prefect_server, tmp_path):
         assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"]
 
         parameters = {"selection": {"until": "extract"}}
-        run = api(url, f"/deployments/{deployments['pipeline']['id']}/create_flow_run", {"parameters": parameters})
+        create = f"/deployments/{deployments['pipeline']['id']}/create_flow_run"
+        run = wait_until(lambda: api(url, create, {"parameters": parameters}), 60, "the flow run to be created")
 
         def finished() -> dict | None:
             with urllib.request.urlopen(f"{url}/flow_runs/{run['id']}", timeout=10) as response:
