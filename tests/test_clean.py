@@ -1,8 +1,8 @@
 import json
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from builders import DOC_SCHEMA, publish_docs
 
 from storage.errors import DataIntegrityError
 from storage.store import Store
@@ -37,37 +37,9 @@ DOC_WITH_EXAMPLE = (
     + "    '{\"a\": 1}'\n\nThe output is always a string, which is safe to write to a file."
 )
 
-DOC_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("text", pa.string()),
-        ("source", pa.string()),
-        ("member", pa.string()),
-        ("n_bytes", pa.int64()),
-    ]
-)
 
-
-def publish_extract(root, shards, version="extract-v1", schema=DOC_SCHEMA):
-    """A fake extract version: one Parquet shard per list of (doc_id, text)."""
-
-    def build(out):
-        (out / "docs").mkdir()
-        for i, rows in enumerate(shards):
-            table = pa.table(
-                {
-                    "doc_id": [doc_id for doc_id, _ in rows],
-                    "text": [text for _, text in rows],
-                    "source": ["sample.tar.xz"] * len(rows),
-                    "member": [f"{doc_id}.txt" for doc_id, _ in rows],
-                    "n_bytes": [len(text.encode()) for _, text in rows],
-                },
-                schema=DOC_SCHEMA,
-            ).select(schema.names)
-            pq.write_table(table, out / "docs" / f"shard-{i:05d}.parquet", compression="zstd")
-
-    Store(root).publish("extract", version, build, params={}, inputs={}, code_version="test")
-    return version
+def publish_extract(root, shards, version="extract-v1", columns=DOC_SCHEMA.names):
+    return publish_docs(root, "extract", shards, version, columns)
 
 
 def read_rows(path):
@@ -224,8 +196,7 @@ def test_two_worker_processes_write_the_same_bytes_as_one(tmp_path):
 
 def test_missing_text_column_is_a_clear_error_and_publishes_nothing(tmp_path):
     root = tmp_path / "store"
-    no_text = pa.schema([("doc_id", pa.string()), ("source", pa.string())])
-    extract = publish_extract(root, [[("a", PROSE)]], schema=no_text)
+    extract = publish_extract(root, [[("a", PROSE)]], columns=("doc_id", "source"))
     with pytest.raises(DataIntegrityError, match=r"shard-00000\.parquet: lacks the column\(s\) \['text'\]"):
         STAGE.run(root, CleanConfig(), {"extract": extract})
     assert Store(root).latest("clean") is None

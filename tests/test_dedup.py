@@ -3,32 +3,15 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from builders import publish_docs
 
 from storage.errors import DataIntegrityError
 from storage.store import Store
 from tasks.dedup import STAGE, DedupConfig, normalize_for_dedup, signature, signature_shard
 
-DOC_SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()), ("n_bytes", pa.int64())])
-
 
 def publish_clean(root, shards, version="clean-v1"):
-    """A fake clean version: one Parquet shard per list of (doc_id, text)."""
-
-    def build(out):
-        (out / "docs").mkdir()
-        for i, rows in enumerate(shards):
-            table = pa.table(
-                {
-                    "doc_id": [doc_id for doc_id, _ in rows],
-                    "text": [text for _, text in rows],
-                    "n_bytes": [len(text.encode()) for _, text in rows],
-                },
-                schema=DOC_SCHEMA,
-            )
-            pq.write_table(table, out / "docs" / f"shard-{i:05d}.parquet")
-
-    Store(root).publish("clean", version, build, params={}, inputs={}, code_version="test")
-    return version
+    return publish_docs(root, "clean", shards, version, columns=("doc_id", "text", "n_bytes"))
 
 
 def test_normalisation_ignores_case_width_whitespace_and_punctuation():

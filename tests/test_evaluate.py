@@ -2,6 +2,7 @@ import json
 import math
 from pathlib import Path
 
+import builders
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,7 @@ from model.evaluate import bits_per_byte, eval_loss, eval_windows, unigram_loss
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import train_char
 from storage.errors import DataIntegrityError
-from storage.store import Store, atomic_write_json
-from storage.tokens import TokenFileWriter
+from storage.store import Store
 from tasks.evaluate import REPORT_JSON, REPORT_MD, EvaluateConfig, choose_champion
 from tasks.evaluate import STAGE as EVALUATE
 from tasks.quantize import STAGE as QUANTIZE
@@ -132,18 +132,18 @@ def publish_inputs(
     tokenizer = train_char([TEXT])
     store.publish("tokenizer", "tk", lambda out: tokenizer.save(out / "tokenizer.json"), **_fake("t"))
 
-    def tokens_build(out: Path) -> None:
-        train, val = tokenizer.encode(TEXT * 30), tokenizer.encode(TEXT * 6)
-        for name, ids in (("train.bin", train), ("val.bin", val)):
-            with TokenFileWriter(out / name, np.uint16) as writer:
-                writer.write(ids)
-        meta = {"dtype": "uint16", "vocab_size": tokenizer.vocab_size, "eot_token": tokenizer.eot_id}
-        meta.update(train_tokens=len(train), val_tokens=len(val), train_docs=30, val_docs=6)
-        meta.update(tokenizer_version="tk", tokenizer_kind="char", train_bytes=len(train), val_bytes=len(val))
-        meta.update(meta_changes or {})
-        atomic_write_json(out / "meta.json", meta)
-
-    store.publish("tokens", "tok", tokens_build, **_fake("t", tokenizer="tk"))
+    train, val = tokenizer.encode(TEXT * 30), tokenizer.encode(TEXT * 6)
+    meta = {"tokenizer_version": "tk", "train_docs": 30, "val_docs": 6, "tokenizer_kind": "char"}
+    builders.publish_tokens(
+        root,
+        train,
+        val,
+        vocab_size=tokenizer.vocab_size,
+        eot_token=tokenizer.eot_id,
+        version="tok",
+        inputs={"tokenizer": "tk"},
+        **{**meta, **(meta_changes or {})},
+    )
 
     def model_build(model: GPT, with_heldout: bool) -> object:
         def build(out: Path) -> None:

@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import builders
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,6 @@ from model.tokenizer import EOT, Tokenizer, train_char
 from model.train import read_metrics
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
-from storage.tokens import TokenFileWriter
 from tasks.finetune import STAGE, FinetuneConfig
 from tasks.pretrain import STAGE as PRETRAIN
 from tasks.pretrain import PretrainConfig
@@ -31,13 +31,8 @@ from tasks.pretrain import PretrainConfig
 WORDS = ["cat", "dog", "sun", "map", "pen", "cup", "box", "hat", "fig", "jam", "owl", "ray", "tip", "van", "web"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread than on two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models train faster on one thread than on two contending ones.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_pairs() -> list[dict[str, str]]:
@@ -173,25 +168,16 @@ def publish_tokens(store: Store, tokenizer: Tokenizer, tokenizer_version: str) -
     ids = np.array(text_ids, dtype=np.uint16)
     split = len(ids) * 9 // 10
 
-    def build(out: Path) -> dict:
-        for name, part in (("train", ids[:split]), ("val", ids[split:])):
-            with TokenFileWriter(out / f"{name}.bin", np.dtype(np.uint16)) as writer:
-                writer.write(part)
-        meta = {
-            "dtype": "uint16",
-            "vocab_size": tokenizer.vocab_size,
-            "eot_token": tokenizer.eot_id,
-            "train_tokens": split,
-            "val_tokens": len(ids) - split,
-            "train_docs": 1,
-            "val_docs": 1,
-            "tokenizer_version": tokenizer_version,
-        }
-        (out / "meta.json").write_text(json.dumps(meta))
-        return {}
-
-    store.publish("tokens", "tokens1", build, params={}, inputs={"tokenizer": tokenizer_version}, code_version="t")
-    return "tokens1"
+    return builders.publish_tokens(
+        store.root,
+        ids[:split],
+        ids[split:],
+        vocab_size=tokenizer.vocab_size,
+        eot_token=tokenizer.eot_id,
+        version="tokens1",
+        tokenizer_version=tokenizer_version,
+        inputs={"tokenizer": tokenizer_version},
+    )
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,8 @@ import torch.nn.functional as F
 from model.checkpoint import load_config, load_model, save_model
 from model.gpt import GPT, GPTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread than on two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models train faster on one thread than on two contending ones.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(**overrides) -> GPTConfig:

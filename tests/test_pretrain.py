@@ -1,8 +1,8 @@
 """Stage pretrain, run through STAGE.run on a fake tokens version."""
 
-import json
 from pathlib import Path
 
+import builders
 import numpy as np
 import pytest
 import torch
@@ -11,42 +11,17 @@ from model.checkpoint import load_model
 from model.train import CHECKPOINT, read_metrics
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
-from storage.tokens import TokenFileWriter
 from tasks.pretrain import STAGE, PretrainConfig
 
 VOCAB = 40  # padded to 64 in the model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread than on two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models train faster on one thread than on two contending ones.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def publish_tokens(store: Store, train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int = VOCAB) -> str:
-    def build(out: Path) -> dict:
-        for split, ids in (("train", train_ids), ("val", val_ids)):
-            with TokenFileWriter(out / f"{split}.bin", np.dtype(np.uint16)) as writer:
-                writer.write(ids)
-        meta = {
-            "dtype": "uint16",
-            "vocab_size": vocab_size,
-            "eot_token": vocab_size - 1,
-            "train_tokens": len(train_ids),
-            "val_tokens": len(val_ids),
-            "train_docs": 1,
-            "val_docs": 1,
-            "tokenizer_version": "faketokenizer",
-        }
-        (out / "meta.json").write_text(json.dumps(meta))
-        return {}
-
-    version = f"tokens{len(train_ids)}v{vocab_size}"
-    store.publish("tokens", version, build, params={}, inputs={}, code_version="test")
-    return version
+    return builders.publish_tokens(store.root, train_ids, val_ids, vocab_size=vocab_size, eot_token=vocab_size - 1)
 
 
 def cycle(n: int, period: int = 7) -> np.ndarray:

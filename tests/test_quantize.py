@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import builders
 import numpy as np
 import pytest
 import torch
@@ -21,8 +22,7 @@ from model.quantize import (
     to_dynamic_int8,
 )
 from storage.errors import DataIntegrityError
-from storage.store import Store, atomic_write_json
-from storage.tokens import TokenFileWriter
+from storage.store import Store
 from tasks.quantize import REPORT, QuantizeConfig
 from tasks.quantize import STAGE as QUANTIZE
 
@@ -35,18 +35,7 @@ def tiny_gpt(seed: int = 0, n_embd: int = 32, vocab_size: int = VOCAB) -> GPT:
 
 
 def publish_tokens(store: Store, val: np.ndarray, vocab_size: int = VOCAB) -> str:
-    def build(out: Path) -> dict:
-        with TokenFileWriter(out / "train.bin", np.uint16) as w:
-            w.write(val[::-1].copy())
-        with TokenFileWriter(out / "val.bin", np.uint16) as w:
-            w.write(val)
-        meta = {"dtype": "uint16", "vocab_size": vocab_size, "eot_token": 0, "train_tokens": len(val)}
-        meta.update(val_tokens=len(val), train_docs=1, val_docs=1, train_bytes=len(val), val_bytes=len(val))
-        atomic_write_json(out / "meta.json", meta)
-        return {}
-
-    store.publish("tokens", "tok", build, params={}, inputs={}, code_version="test")
-    return "tok"
+    return builders.publish_tokens(store.root, val[::-1].copy(), val, vocab_size=vocab_size, version="tok")
 
 
 def publish_model(store: Store, model: GPT, version: str = "ft") -> str:

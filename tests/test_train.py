@@ -21,14 +21,8 @@ VOCAB = 64
 BLOCK = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train faster on one thread than on two contending ones (the resume test's subprocess uses
-    one too: same kernels, same rounding)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models train faster on one thread than on two contending ones.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def repeating_tokens(n: int = 2000, period: int = 8) -> np.ndarray:
