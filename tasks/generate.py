@@ -15,17 +15,11 @@ MODEL_STAGES = ("pretrain", "finetune", "quantize")
 
 
 def find_tokenizer(store: Store, stage: str, version: str) -> Path:
-    """Walk a model's lineage back to the tokenizer it was trained with."""
-    todo, seen = [(stage, version)], set()
-    while todo:
-        stage, version = todo.pop()
-        if stage == "tokenizer":
-            return store.path(stage, version) / "tokenizer.json"
-        if (stage, version) in seen:
-            continue
-        seen.add((stage, version))
-        todo.extend(store.manifest(stage, version)["inputs"].items())
-    raise StoreError(f"no tokenizer in the lineage of {stage}/{version}")
+    """The tokenizer a model was trained with, found through its lineage."""
+    tokenizer = store.lineage(stage, version).get("tokenizer")
+    if tokenizer is None:
+        raise StoreError(f"no tokenizer in the lineage of {stage}/{version}")
+    return store.path("tokenizer", tokenizer) / "tokenizer.json"
 
 
 def load_store_model(store: Store, which: str, device: str = "cpu") -> tuple[GPT, Tokenizer, str]:
