@@ -22,7 +22,6 @@ from model.tokenizer import FILENAME, Tokenizer
 from model.train import METRICS, plot_losses, resolve_device
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import canonical_json
-from storage.tokens import read_meta
 from tasks.pretrain import TrainingFields, result_metrics
 from tasks.sample_data import default_finetune_pairs
 from tasks.stage import Stage, StageContext, stage_task
@@ -91,14 +90,7 @@ def check_tokenizer(ctx: StageContext, tokenizer: Tokenizer, vocab_size: int) ->
         raise ConfigError(
             f"{tokenizer_path}: {tokenizer.vocab_size} ids, more than the pretrained model's vocabulary ({vocab_size})"
         )
-    tokens_version = ctx.input_manifest("pretrain").get("inputs", {}).get("tokens")
-    if tokens_version and ctx.store.has("tokens", tokens_version):
-        made_with = read_meta(ctx.store.path("tokens", tokens_version)).get("tokenizer_version")
-        if made_with and made_with != ctx.inputs["tokenizer"]:
-            raise ConfigError(
-                f"pretrain/{ctx.inputs['pretrain']} learned tokens of tokenizer/{made_with}, "
-                f"not of tokenizer/{ctx.inputs['tokenizer']}"
-            )
+    ctx.require_common_ancestor("pretrain", "tokenizer")
 
 
 def write_pairs(pairs: list[dict[str, str]], path: Path) -> None:

@@ -245,6 +245,6 @@ def test_tokenizer_other_than_the_pretrained_one_is_refused(pretrained: tuple[Pa
     other = publish_tokenizer(Store(root), char_tokenizer(), version="tok2")
     data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs())
     with pytest.raises(
-        ConfigError, match=f"pretrain/{pretrain_version} learned tokens of tokenizer/tok1, not of tokenizer/tok2"
+        ConfigError, match=f"pretrain/{pretrain_version} was built from tokenizer/tok1, not from the tokenizer/tok2"
     ):
         STAGE.run(root, tiny_finetune_config(data), {"pretrain": pretrain_version, "tokenizer": other})
