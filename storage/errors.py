@@ -23,3 +23,11 @@ class ConfigError(GptflowError, ValueError):
 
 class StoreError(GptflowError):
     """The store is not in the state an operation needs (a missing version, no `latest`)."""
+
+
+class DiskFullError(StoreError):
+    """No space left where a stage writes. Not retried: only freeing space helps, and a rerun then completes."""
+
+
+class QualityError(GptflowError):
+    """An output that was computed but fails a quality bound (a quantized model that lost too much)."""

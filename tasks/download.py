@@ -27,7 +27,7 @@ from urllib.request import Request, url2pathname, urlopen
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from storage.errors import ConfigError, DataIntegrityError, GptflowError, TransientError
-from storage.store import atomic_write_json, sha256_file
+from storage.store import Store, atomic_write_json, sha256_file
 from tasks.stage import Stage, StageConfig, StageContext, stage_task
 
 ARCHIVES = "archives"
@@ -230,7 +230,7 @@ def source_identity(source: Source, timeout: float = 60.0) -> dict[str, Any]:
     return {"url": source.url, "path": str(resolved), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def sources_identity(cfg: DownloadConfig) -> list[dict[str, Any]]:
+def sources_identity(cfg: DownloadConfig, store: Store | None = None) -> list[dict[str, Any]]:
     """The `identity=` hook of the stage: one identity per source, in order."""
     return [source_identity(source, cfg.timeout_seconds) for source in cfg.sources]
 

@@ -21,7 +21,7 @@ from model.finetune import finetune, read_pairs, response_loss, split_pairs
 from model.tokenizer import FILENAME, Tokenizer
 from model.train import METRICS, plot_losses, resolve_device
 from storage.errors import ConfigError, DataIntegrityError
-from storage.store import canonical_json
+from storage.store import Store, canonical_json
 from tasks.pretrain import TrainingFields, result_metrics
 from tasks.sample_data import default_finetune_pairs
 from tasks.stage import Stage, StageContext, stage_task
@@ -72,7 +72,7 @@ def finetune_pairs(cfg: FinetuneConfig) -> list[dict[str, str]]:
     return read_pairs(Path(cfg.data)) if cfg.data else list(_default_pairs())
 
 
-def data_identity(cfg: FinetuneConfig) -> dict[str, str]:
+def data_identity(cfg: FinetuneConfig, store: Store | None = None) -> dict[str, str]:
     """The sha256 of the data file's bytes (or of the default pairs' canonical JSON): the version changes
     exactly when the data does."""
     if cfg.data:

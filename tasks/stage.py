@@ -81,8 +81,9 @@ class Stage:
     config: type[StageConfig]
     build: Callable[[StageContext, Any], dict[str, Any] | None]
     inputs: tuple[str, ...] = ()
-    # For stages whose output depends on something outside the store (download: the source's identity).
-    identity: Callable[[Any], Any] | None = None
+    # For stages whose output depends on something outside the store (download: the source's identity):
+    # called as identity(cfg, store), so that it may keep what it learns (content hashes) in the store.
+    identity: Callable[[Any, Store], Any] | None = None
 
     @property
     def code_version(self) -> str:
@@ -115,7 +116,7 @@ class Stage:
         store = Store(storage)
         log = log or logging.getLogger(f"gptflow.{self.name}")
         versions = self.input_versions(inputs or {})
-        identity = self.identity(cfg) if self.identity else None
+        identity = self.identity(cfg, store) if self.identity else None
         version = self.version(cfg, versions, identity)
         if store.has(self.name, version) and not force:
             log.info("%s/%s is already in the store: reused", self.name, version)
@@ -203,7 +204,7 @@ def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
         cfg = parameters["cfg"]
         if not isinstance(cfg, stage.config):
             cfg = stage.config.model_validate(cfg)
-        identity = stage.identity(cfg) if stage.identity else None
+        identity = stage.identity(cfg, Store(parameters["storage"])) if stage.identity else None
         version = stage.version(cfg, stage.input_versions(parameters.get("inputs") or {}), identity)
         name = f"gptflow-{stage.name}-{version}"
         if not Store(parameters["storage"]).has(stage.name, version):
