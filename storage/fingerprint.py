@@ -7,7 +7,9 @@ every project module it imports (resolved statically from the import statements)
 
 import ast
 import hashlib
+import sys
 from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +89,19 @@ def code_fingerprint(module: str, root: Path = PROJECT_ROOT, plumbing: frozenset
         digest.update(path.read_bytes())
         digest.update(b"\0")
     return digest.hexdigest()[:16]
+
+
+@cache
+def _library_version(name: str) -> str:
+    if name == "python":  # the interpreter's own modules (unicodedata's tables, tarfile) change by minor release
+        return f"{sys.version_info.major}.{sys.version_info.minor}"
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"
+
+
+def library_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """{name: installed version} of the distributions named (and "python"): what computes a stage's output
+    besides its own code, so that an upgrade that can change the output makes new versions."""
+    return {name: _library_version(name) for name in names}

@@ -9,6 +9,7 @@ crash never leaves a half-written version visible. Building one version is seria
 lock file (flock: the kernel releases it when the holder dies).
 """
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from storage.errors import StoreError, TransientError
+from storage.errors import DiskFullError, StoreError, TransientError
 
 VERSION_CHARS = 12
 MANIFEST = "manifest.json"
@@ -51,11 +52,14 @@ def version_id(
     params: dict[str, Any],
     inputs: dict[str, str],
     identity: Any = None,
+    environment: dict[str, Any] | None = None,
 ) -> str:
-    """Same stage, code, parameters, inputs (and source identity, for download): same version id."""
-    payload = canonical_json(
-        {"stage": stage, "code": code_version, "params": params, "inputs": inputs, "identity": identity}
-    )
+    """Same stage, code, parameters, inputs (and source identity, for download), and the same library
+    versions and machine traits that shape the output (`environment`): same version id."""
+    fields = {"stage": stage, "code": code_version, "params": params, "inputs": inputs, "identity": identity}
+    if environment:
+        fields["environment"] = environment
+    payload = canonical_json(fields)
     return hashlib.sha256(payload.encode()).hexdigest()[:VERSION_CHARS]
 
 
@@ -130,6 +134,31 @@ class Store:
     def has(self, stage: str, version: str) -> bool:
         return (self.path(stage, version) / MANIFEST).is_file()
 
+    def damage(self, stage: str, version: str, verify: bool = False) -> str | None:
+        """Why the stored `stage/version` cannot be trusted, or None when it is intact: its manifest must parse
+        and name it, and every file it lists must exist with the listed size (and, with `verify`, the listed
+        sha256: slower, it reads every byte). A version that is not there at all is not damaged: see `has`."""
+        folder = self.path(stage, version)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            files = manifest["files"]
+            named = (manifest["stage"], manifest["version"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            return f"its {MANIFEST} is unreadable ({type(exc).__name__})"
+        if named != (stage, version) or not isinstance(files, dict):
+            return f"its {MANIFEST} describes {named[0]}/{named[1]}"
+        for name, info in sorted(files.items()):
+            path = folder / name
+            try:
+                size = path.stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if size != info.get("bytes"):
+                return f"{name} has {size} bytes, the manifest lists {info.get('bytes')}"
+            if verify and sha256_file(path) != info.get("sha256"):
+                return f"{name} does not match its sha256"
+        return None
+
     def manifest(self, stage: str, version: str) -> dict[str, Any]:
         path = self.path(stage, version) / MANIFEST
         if not path.is_file():
@@ -200,25 +229,38 @@ class Store:
     # -- writing ------------------------------------------------------------------------------------
     @contextmanager
     def lock(self, stage: str, version: str, timeout: float = 6 * 3600.0) -> Iterator[None]:
-        """Hold the lock that serialises building `stage/version` across processes."""
+        """Hold the lock that serialises building `stage/version` across processes.
+
+        The lock file is removed by its holder on release, so that locks do not pile up one per version
+        ever built. A waiter may then hold a lock on a file that is gone; it checks, once it holds the lock,
+        that the path still names the file it locked, and starts over otherwise.
+        """
         lock_dir = self.stage_dir(stage) / ".locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / f"{version}.lock", "a+") as handle:
-            deadline = time.monotonic() + timeout
-            while True:
+        path = lock_dir / f"{version}.lock"
+        deadline = time.monotonic() + timeout
+        while True:
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            with open(path, "a+") as handle:
+                while True:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise TransientError(
+                                f"{stage}/{version} is being built by another run (lock {path})"
+                            ) from None
+                        time.sleep(0.2)
                 try:
-                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise TransientError(
-                            f"{stage}/{version} is being built by another run (lock {handle.name})"
-                        ) from None
-                    time.sleep(0.2)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+                    if not _same_file(handle, path):
+                        continue  # its holder removed it as we waited: lock the file now there
+                    try:
+                        yield
+                    finally:
+                        path.unlink(missing_ok=True)
+                    return
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     def publish(
         self,
@@ -229,14 +271,18 @@ class Store:
         params: dict[str, Any],
         inputs: dict[str, str],
         code_version: str,
+        environment: dict[str, Any] | None = None,
         prefect: dict[str, Any] | None = None,
         replace: bool = False,
     ) -> bool:
         """Build `stage/version` with `build(tmp_dir) -> metrics` and publish it atomically.
 
-        Returns False, building nothing, when the version is already complete (another run made it while
-        this one waited for the lock) and `replace` is not set. With `replace`, a complete version is
-        swapped for the rebuilt one in two renames under the lock.
+        Returns False, building nothing, when the version is already complete and intact (another run made
+        it while this one waited for the lock) and `replace` is not set. With `replace`, or when the stored
+        version is damaged, the stored one is swapped for the rebuilt one in two renames under the lock.
+
+        A disk that fills up is a DiskFullError naming the path and how much of the version was written;
+        nothing is published and the unfinished folder is removed.
         """
         for name, input_version in inputs.items():
             if not self.has(name, input_version):
@@ -244,7 +290,7 @@ class Store:
         final = self.path(stage, version)
         with self.lock(stage, version):
             self._recover(stage, version)
-            if self.has(stage, version) and not replace:
+            if self.has(stage, version) and not replace and self.damage(stage, version) is None:
                 return False
             tmp = final.parent / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
@@ -257,6 +303,7 @@ class Store:
                     "params": params,
                     "inputs": dict(inputs),
                     "code_version": code_version,
+                    "environment": environment or {},
                     "files": self._describe_files(tmp),
                     "metrics": metrics,
                     "prefect": prefect or {},
@@ -271,8 +318,16 @@ class Store:
                 _fsync_path(final.parent)
                 if trash is not None:
                     shutil.rmtree(trash, ignore_errors=True)
-            except BaseException:
+            except BaseException as exc:
+                written = _folder_bytes(tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
+                if (full := _disk_full(exc)) is not None:
+                    where = full.filename or tmp
+                    raise DiskFullError(
+                        f"{stage}/{version}: no space left on the device writing {where} ({written:,} bytes of the "
+                        f"version written, {_free_bytes(self.root):,} bytes free there); nothing was published: "
+                        "free space and rerun"
+                    ) from exc
                 raise
         self.set_latest(stage, version)
         return True
@@ -371,16 +426,75 @@ class Store:
             return False  # a writer is at work on this version: nothing of it is a leftover
 
 
-def _still_running(record: dict[str, Any]) -> bool:
-    """A run whose record says running, unless it is known dead (same host, its process gone)."""
-    if record.get("status") != "running":
-        return False
-    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
-        return True  # cannot tell from here: assume it is alive
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC (or quota) error behind `exc`, however a library wrapped it; None when there is none."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        if "No space left on device" in str(error):  # libraries that report it in words (pyarrow, torch)
+            return OSError(errno.ENOSPC, str(error).strip().splitlines()[0][:300] if str(error).strip() else "")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _folder_bytes(folder: Path) -> int:
     try:
-        os.kill(record["pid"], 0)
-    except ProcessLookupError:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    except OSError:
+        return 0
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
         return False
+
+
+def process_started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, from /proc), or None where that cannot be read.
+    Together with the pid it names one process: a pid reused by a later process has another start."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22 of /proc/PID/stat, counted after the command name, which is in parentheses and may hold spaces.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
+
+
+def run_status(record: dict[str, Any]) -> str:
+    """A run record's status, with `dead` for a run that says `running` but whose process is known to be
+    gone (same host, and its pid gone or now another process): a run killed with SIGKILL cannot say so."""
+    status = str(record.get("status"))
+    if status != "running":
+        return status
+    pid = record.get("pid")
+    if record.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return status  # cannot tell from here: assume it is alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "dead"
     except PermissionError:
-        return True
-    return True
+        pass
+    started = record.get("pid_started")
+    if isinstance(started, int) and process_started(pid) not in (None, started):
+        return "dead"
+    return status
+
+
+def _still_running(record: dict[str, Any]) -> bool:
+    return run_status(record) == "running"

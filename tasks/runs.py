@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from storage.store import StageRef, Store
+from storage.store import StageRef, Store, process_started
 
 
 class RunRecorder:
@@ -25,6 +25,7 @@ class RunRecorder:
             # Which process writes this record: gc keeps a running run's versions while it is alive.
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "pid_started": process_started(os.getpid()),
             **info,
             "stages": {},
         }

@@ -8,7 +8,8 @@ writes the stage's files into `ctx.out` and returns its metrics, and then
     clean_task = stage_task(STAGE)
 """
 
-import errno
+import fnmatch
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,11 +18,12 @@ from typing import Any, ClassVar
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.serializers import Serializer
 from prefect.tasks import exponential_backoff
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from storage.errors import ConfigError, GptflowError, StoreError, TransientError
-from storage.fingerprint import code_fingerprint
+from storage.errors import ConfigError, GptflowError, TransientError
+from storage.fingerprint import code_fingerprint, library_versions
 from storage.store import StageRef, Store, version_id
 from tasks.artifacts import ProgressArtifact, publish_summary
 
@@ -30,7 +32,8 @@ class StageConfig(BaseModel):
     """Base of every stage's parameters. Fields named in RUNTIME_FIELDS (worker counts, progress display)
     change how a stage runs, not what it produces, and so stay out of its version id."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Strict types: `max_steps: true` is a mistake, not 1 (settings files are read so that 1e-3 is a float).
+    model_config = ConfigDict(extra="forbid", strict=True)
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
     def identity_params(self) -> dict[str, Any]:
@@ -84,13 +87,33 @@ class Stage:
     # For stages whose output depends on something outside the store (download: the source's identity):
     # called as identity(cfg, store), so that it may keep what it learns (content hashes) in the store.
     identity: Callable[[Any, Store], Any] | None = None
+    # The libraries whose version can change what the stage writes ("python" for the interpreter's own
+    # modules, e.g. unicodedata's tables): part of the version id, like the code.
+    libraries: tuple[str, ...] = ()
+    # What else about the machine shapes the output (training: the device kind and precision), from cfg.
+    environment: Callable[[Any], dict[str, Any]] | None = None
+    # Files that record how a build went (logs of timings, plots of them) rather than what it made: a forced
+    # rebuild whose other files are the same is the same output, whatever these say.
+    records: tuple[str, ...] = ()
 
     @property
     def code_version(self) -> str:
         return code_fingerprint(self.module)
 
+    def environment_of(self, cfg: StageConfig) -> dict[str, Any]:
+        """The library versions and machine traits that are part of the version id (worker counts never are)."""
+        found: dict[str, Any] = {"libraries": library_versions(self.libraries)}
+        if self.environment is not None:
+            found.update(self.environment(cfg))
+        return found
+
     def version(self, cfg: StageConfig, inputs: Mapping[str, str], identity: Any = None) -> str:
-        return version_id(self.name, self.code_version, cfg.identity_params(), dict(inputs), identity)
+        environment = self.environment_of(cfg)
+        return version_id(self.name, self.code_version, cfg.identity_params(), dict(inputs), identity, environment)
+
+    def outputs(self, files: dict[str, Any]) -> dict[str, Any]:
+        """A manifest's `files` less the stage's run records: what a forced rebuild compares."""
+        return {name: info for name, info in files.items() if not any(fnmatch.fnmatch(name, r) for r in self.records)}
 
     def input_versions(self, inputs: Mapping[str, StageRef | str]) -> dict[str, str]:
         missing = set(self.inputs) - set(inputs)
@@ -106,11 +129,13 @@ class Stage:
         inputs: Mapping[str, StageRef | str] | None = None,
         *,
         force: bool = False,
+        verify: bool = False,
         prefect: dict[str, Any] | None = None,
         log: logging.Logger | logging.LoggerAdapter | None = None,
         progress: Callable[[float], None] | None = None,
     ) -> StageRef:
-        """Build this stage's version for `cfg` and `inputs` unless the store already has it."""
+        """Build this stage's version for `cfg` and `inputs` unless the store already has it intact (with
+        `verify`, down to every file's sha256). A damaged stored version is rebuilt, with a warning."""
         if not isinstance(cfg, self.config):
             cfg = self.config.model_validate(cfg)
         store = Store(storage)
@@ -118,10 +143,14 @@ class Stage:
         versions = self.input_versions(inputs or {})
         identity = self.identity(cfg, store) if self.identity else None
         version = self.version(cfg, versions, identity)
-        if store.has(self.name, version) and not force:
+        stored = store.has(self.name, version)
+        damage = store.damage(self.name, version, verify=verify) if stored else None
+        if stored and damage is None and not force:
             log.info("%s/%s is already in the store: reused", self.name, version)
             store.set_latest(self.name, version)
             return StageRef(self.name, version, reused=True)
+        if damage is not None:
+            log.warning("%s/%s is damaged (%s): rebuilding it", self.name, version, damage)
 
         def build(out: Path) -> dict[str, Any]:
             ctx = StageContext(store, self.name, version, versions, out, log, identity=identity)
@@ -131,26 +160,22 @@ class Stage:
             return {**ctx.metrics, **metrics}
 
         log.info("building %s/%s", self.name, version)
-        before = store.manifest(self.name, version)["files"] if force and store.has(self.name, version) else None
-        try:
-            built = store.publish(
-                self.name,
-                version,
-                build,
-                params=cfg.model_dump(mode="json"),
-                inputs=versions,
-                code_version=self.code_version,
-                prefect=prefect,
-                replace=force,
-            )
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StoreError(f"{self.name}: no space left on the device holding {store.root}") from exc
-            raise
+        before = store.manifest(self.name, version)["files"] if stored and damage is None else None
+        built = store.publish(
+            self.name,
+            version,
+            build,
+            params=cfg.model_dump(mode="json"),
+            inputs=versions,
+            code_version=self.code_version,
+            environment=self.environment_of(cfg),
+            prefect=prefect,
+            replace=force or damage is not None,
+        )
         store.clear_work(self.name, version)
-        if before is not None and before != store.manifest(self.name, version)["files"]:
+        if before is not None and self.outputs(before) != self.outputs(store.manifest(self.name, version)["files"]):
             log.warning(
-                "the forced rebuild of %s/%s changed its files; versions built from it keep the old ones "
+                "the forced rebuild of %s/%s changed its output; versions built from it keep the old one "
                 "until they are forced too",
                 self.name,
                 version,
@@ -187,15 +212,53 @@ def result_storage(storage: str | Path) -> Path:
     return Store(storage).root / "runs" / ".prefect-results"
 
 
+class StageRefSerializer(Serializer):
+    """Persists a stage task's result, a StageRef, as plain JSON: a result record never holds code to run."""
+
+    type: str = Field(default="gptflow-stage-ref", frozen=True)
+
+    def dumps(self, obj: StageRef) -> bytes:
+        return json.dumps({"stage": obj.stage, "version": obj.version, "reused": obj.reused}).encode()
+
+    def loads(self, blob: bytes) -> StageRef:
+        data = json.loads(blob)
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("stage", "version")):
+            raise ValueError("not a gptflow stage reference")
+        return StageRef(data["stage"], data["version"], reused=bool(data.get("reused")))
+
+
+RESULT_SERIALIZER = StageRefSerializer()
+
+
+def trusted_record(path: Path, stage: str, version: str) -> bool:
+    """Whether the result record at `path` is one this project wrote for `stage/version`.
+
+    Prefect reads a record with the serializer the record itself names, pickle included, so a record is
+    checked before Prefect may look at it: JSON naming our serializer, holding the reference to this very
+    version. Anything else (tampered, damaged, from another tool) is not a cache hit.
+    """
+    try:
+        record = json.loads(path.read_bytes())
+        if record["metadata"]["serializer"]["type"] != RESULT_SERIALIZER.type:
+            return False
+        result = record["result"]
+        ref = RESULT_SERIALIZER.loads(result.encode() if isinstance(result, str) else bytes(result))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return (ref.stage, ref.version) == (stage, version)
+
+
 def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
-    """The Prefect cache key of a stage run is its version id: cached == already in the store.
+    """The Prefect cache key of a stage run is its version id: cached == already in the store, intact.
 
     For a stage with an identity hook (content outside the store, e.g. a data file), the hook runs here
     too, so that changed content is a new key; keep such hooks cheap and local (download, which must ask
     a server, is not cached by Prefect at all).
 
-    A cached record whose version has since left the store (gc, a deleted folder) must not short-circuit
-    the rebuild, so such a stale record is removed before Prefect looks it up.
+    A record must not short-circuit the build when its version has left the store (gc, a deleted folder), is
+    damaged (a file missing or of the wrong size; with `verify`, of the wrong sha256), or when the record
+    itself is not one this project wrote: such a record is removed before Prefect looks it up, so the task
+    runs and rebuilds what is missing.
     """
 
     def key(context: Any, parameters: dict[str, Any]) -> str | None:
@@ -204,11 +267,17 @@ def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
         cfg = parameters["cfg"]
         if not isinstance(cfg, stage.config):
             cfg = stage.config.model_validate(cfg)
-        identity = stage.identity(cfg, Store(parameters["storage"])) if stage.identity else None
+        store = Store(parameters["storage"])
+        identity = stage.identity(cfg, store) if stage.identity else None
         version = stage.version(cfg, stage.input_versions(parameters.get("inputs") or {}), identity)
         name = f"gptflow-{stage.name}-{version}"
-        if not Store(parameters["storage"]).has(stage.name, version):
-            (result_storage(parameters["storage"]) / name).unlink(missing_ok=True)
+        record = result_storage(store.root) / name
+        if record.exists():
+            intact = store.has(stage.name, version) and (
+                store.damage(stage.name, version, verify=bool(parameters.get("verify"))) is None
+            )
+            if not intact or not trusted_record(record, stage.name, version):
+                record.unlink(missing_ok=True)
         return name
 
     return key
@@ -229,14 +298,25 @@ def stage_task(
     """
 
     def run(
-        storage: str, cfg: stage.config, inputs: dict[str, StageRef] | None = None, force: bool = False
+        storage: str,
+        cfg: stage.config,
+        inputs: dict[str, StageRef] | None = None,
+        force: bool = False,
+        verify: bool = False,
     ) -> StageRef:
         from prefect.runtime import flow_run, task_run
 
         ids = {"flow_run_id": str(flow_run.id or ""), "task_run_id": str(task_run.id or "")}
         log = get_run_logger()
         ref = stage.run(
-            storage, cfg, inputs or {}, force=force, prefect=ids, log=log, progress=ProgressArtifact(stage.name, log)
+            storage,
+            cfg,
+            inputs or {},
+            force=force,
+            verify=verify,
+            prefect=ids,
+            log=log,
+            progress=ProgressArtifact(stage.name, log),
         )
         if not ref.reused:
             publish_summary(Store(storage), ref, log)
@@ -254,7 +334,7 @@ def stage_task(
         "timeout_seconds": timeout_seconds,
     }
     if cache:
-        options.update(cache_key_fn=cache_key(stage), persist_result=True)
+        options.update(cache_key_fn=cache_key(stage), persist_result=True, result_serializer=RESULT_SERIALIZER)
     else:
         options.update(cache_policy=NO_CACHE)
     return task(**options)(run)

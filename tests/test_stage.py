@@ -9,9 +9,9 @@ from typing import Literal
 import pytest
 from prefect import flow
 
-from storage.errors import ConfigError, DataIntegrityError, StoreError, TransientError
+from storage.errors import ConfigError, DataIntegrityError, DiskFullError, StoreError, TransientError
 from storage.store import StageRef, Store
-from tasks.stage import Stage, StageConfig, cache_key, is_transient, result_storage, stage_task
+from tasks.stage import RESULT_SERIALIZER, Stage, StageConfig, cache_key, is_transient, result_storage, stage_task
 
 
 class CountingConfig(StageConfig):
@@ -86,7 +86,7 @@ def test_reuse_force_and_runtime_fields(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         forced = COUNTING.run(tmp_path / "store", cfg, force=True)
     assert forced.version == first.version and not forced.reused and attempts(cfg) == 2
-    assert "changed its files" in caplog.text  # value.json records the attempt: the bytes differ
+    assert "changed its output" in caplog.text  # value.json records the attempt: the bytes differ
     folder = Store(tmp_path / "store").path("counting", first.version)
     assert json.loads((folder / "value.json").read_text())["attempt"] == 2
     other = COUNTING.run(tmp_path / "store", cfg.model_copy(update={"value": 2}))
@@ -110,9 +110,9 @@ def test_inputs_are_part_of_the_version_and_must_match_the_stage(tmp_path):
 
 def test_a_full_disk_is_one_clear_error_and_publishes_nothing(tmp_path):
     cfg = CountingConfig(counter=str(tmp_path / "n"), fail_times=1, error="disk_full")
-    with pytest.raises(StoreError, match="no space left on the device holding") as raised:
+    with pytest.raises(DiskFullError, match="no space left on the device writing .*nothing was published") as raised:
         COUNTING.run(tmp_path / "store", cfg)
-    assert "\n" not in str(raised.value)
+    assert "\n" not in str(raised.value) and not is_transient(raised.value)
     assert Store(tmp_path / "store").versions("counting") == []
     assert not COUNTING.run(tmp_path / "store", cfg).reused  # once there is room, the rerun completes
 
@@ -130,7 +130,7 @@ def test_cache_key_is_the_version_and_drops_a_stale_record(tmp_path):
     record.write_text("stale")
     assert cache_key(COUNTING)(None, params) == key and not record.exists()
     COUNTING.run(storage, cfg)
-    record.write_text("current")
+    write_record(record, "counting", version)
     assert cache_key(COUNTING)(None, params) == key and record.exists()
     assert cache_key(COUNTING)(None, {**params, "force": True}) is None
 
@@ -166,3 +166,153 @@ def test_inputs_from_different_lineages_are_refused(tmp_path):
     with pytest.raises(ConfigError, match=f"downstream/{b_on_a1.version} was built from counting/{a1.version}"):
         JOIN.run(store_dir, cfg, {"counting": a2, "downstream": b_on_a1})
     assert not JOIN.run(store_dir, cfg, {"counting": a1, "downstream": b_on_a1}).reused
+
+
+# -- what a reuse can trust ------------------------------------------------------------------------------
+
+
+def write_record(path: Path, stage: str, version: str, serializer=RESULT_SERIALIZER) -> None:
+    """A result record as Prefect persists it, with the serializer the record names."""
+    from prefect._internal.result_records import ResultRecord, ResultRecordMetadata
+
+    record = ResultRecord(
+        metadata=ResultRecordMetadata(serializer=serializer, storage_key=str(path)), result=StageRef(stage, version)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(record.serialize())
+
+
+class RunsCode:
+    """Unpickling this touches a file: the proof that a record ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (self.marker.touch, ())
+
+
+def test_a_record_that_is_not_ours_is_never_served(tmp_path):
+    from prefect.serializers import PickleSerializer
+
+    storage = tmp_path / "store"
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    params = {"storage": str(storage), "cfg": cfg, "inputs": {}, "force": False}
+    version = COUNTING.run(storage, cfg).version
+    record = result_storage(storage) / cache_key(COUNTING)(None, params)
+    marker = tmp_path / "code-ran"
+    # A pickled record (Prefect's default), whose loading would run code: removed, unread.
+    write_record(record, "counting", version, PickleSerializer(picklelib="pickle"))
+    record.write_bytes(record.read_bytes())
+    cache_key(COUNTING)(None, params)
+    assert not record.exists() and not marker.exists()
+    # Damaged bytes, and a reference to another version: removed too, so Prefect never crashes on them.
+    for content in (b"\x00garbage", None):
+        if content is None:
+            write_record(record, "counting", "another-version")
+        else:
+            record.write_bytes(content)
+        cache_key(COUNTING)(None, params)
+        assert not record.exists()
+    # Ours, for this intact version: kept.
+    write_record(record, "counting", version)
+    cache_key(COUNTING)(None, params)
+    assert record.exists()
+
+
+def test_a_damaged_version_is_rebuilt_never_reused(tmp_path, caplog):
+    storage = tmp_path / "store"
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    params = {"storage": str(storage), "cfg": cfg, "inputs": {}, "force": False}
+    first = COUNTING.run(storage, cfg)
+    folder = Store(storage).path("counting", first.version)
+    record = result_storage(storage) / cache_key(COUNTING)(None, params)
+    for damage in ("delete", "truncate"):
+        write_record(record, "counting", first.version)
+        if damage == "delete":
+            (folder / "value.json").unlink()
+        else:
+            (folder / "value.json").write_text("{}")
+        cache_key(COUNTING)(None, params)
+        assert not record.exists()  # no Prefect cache hit on a damaged version
+        with caplog.at_level(logging.WARNING):
+            again = COUNTING.run(storage, cfg)
+        assert again.version == first.version and not again.reused
+        assert f"counting/{first.version} is damaged" in caplog.text
+        assert Store(storage).damage("counting", first.version) is None
+    # Same size, other bytes: only a verified run notices.
+    before = attempts(cfg)
+    text = (folder / "value.json").read_text()
+    (folder / "value.json").write_text(text.replace('"value": 1', '"value": 7'))
+    assert COUNTING.run(storage, cfg).reused and attempts(cfg) == before
+    assert not COUNTING.run(storage, cfg, verify=True).reused and attempts(cfg) == before + 1
+
+
+def test_library_versions_and_the_environment_are_part_of_the_version(tmp_path, monkeypatch):
+    import storage.fingerprint as fingerprint
+
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    with_libs = Stage(
+        name="counting", module="tasks.stage", config=CountingConfig, build=counting_build, libraries=("numpy",)
+    )
+    base = with_libs.version(cfg, {})
+    monkeypatch.setattr(fingerprint, "_library_version", lambda name: "0.0-other")
+    assert with_libs.version(cfg, {}) != base
+    assert COUNTING.version(cfg, {}) == COUNTING.version(cfg, {})  # no libraries named: unaffected
+    on = {"device": "cpu", "precision": "fp32"}
+    device = Stage(name="counting", module="tasks.stage", config=CountingConfig, build=counting_build)
+    cpu = Stage(**{**device.__dict__, "environment": lambda c: on})
+    cuda = Stage(**{**device.__dict__, "environment": lambda c: {"device": "cuda", "precision": "bf16"}})
+    assert len({device.version(cfg, {}), cpu.version(cfg, {}), cuda.version(cfg, {})}) == 3
+    assert cpu.version(cfg.model_copy(update={"workers": 8}), {}) == cpu.version(cfg, {})
+    ref = cpu.run(tmp_path / "store", cfg)
+    assert Store(tmp_path / "store").manifest("counting", ref.version)["environment"]["device"] == "cpu"
+
+
+def logging_build(ctx, cfg: CountingConfig) -> dict:
+    counting_build(ctx, cfg.model_copy(update={"counter": cfg.counter}))
+    (ctx.out / "value.json").write_text(json.dumps({"value": cfg.value}))  # the output: the same every time
+    (ctx.out / "timings.jsonl").write_text(json.dumps({"attempt": attempts(cfg)}))  # how the build went
+    return {}
+
+
+def test_a_forced_rebuild_warns_only_when_its_output_changed(tmp_path, caplog):
+    stage = Stage(
+        name="logging", module="tasks.stage", config=CountingConfig, build=logging_build, records=("*.jsonl",)
+    )
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    first = stage.run(tmp_path / "store", cfg)
+    with caplog.at_level(logging.WARNING):
+        stage.run(tmp_path / "store", cfg, force=True)
+    assert attempts(cfg) == 2 and "changed its output" not in caplog.text
+    folder = Store(tmp_path / "store").path("logging", first.version)
+    assert json.loads((folder / "timings.jsonl").read_text()) == {"attempt": 2}
+
+
+@flow
+def run_counting_twice(storage: str, cfg: CountingConfig) -> list[str]:
+    in_store = counting_task.with_options(result_storage=result_storage(storage))  # as the pipeline runs it
+    return [in_store(storage, cfg, {}, return_state=True).name for _ in range(2)]
+
+
+def test_prefect_smoke_a_retry_a_cache_hit_and_no_pickle(prefect_harness, tmp_path):
+    """The fast loop's one run through Prefect: a transient fault retried, then a cache hit; the persisted
+    record is our JSON, and a pickled record put in its place is never loaded."""
+    storage = tmp_path / "store"
+    cfg = CountingConfig(counter=str(tmp_path / "n"), fail_times=1, error="transient")
+    assert run_counting_twice(str(storage), cfg) == ["Completed", "Cached"]
+    assert attempts(cfg) == 2  # one failure, one retry, then the cache
+    version = COUNTING.version(cfg, {})
+    record = result_storage(storage) / f"gptflow-counting-{version}"
+    assert json.loads(record.read_bytes())["metadata"]["serializer"]["type"] == RESULT_SERIALIZER.type
+
+    import pickle
+
+    marker = tmp_path / "code-ran"
+    tampered = json.loads(record.read_bytes())
+    tampered["metadata"]["serializer"] = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
+    tampered["result"] = __import__("base64").b64encode(pickle.dumps(RunsCode(marker))).decode()
+    record.write_text(json.dumps(tampered))
+    states = run_counting_twice(str(storage), cfg)
+    assert not marker.exists() and states == ["Completed", "Cached"]  # the stored version reused, then cached
+    assert attempts(cfg) == 2

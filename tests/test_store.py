@@ -239,3 +239,78 @@ def test_gc_clears_scratch_of_complete_versions_and_of_others_only_when_asked(tm
         assert (tmp_path / "s" / ".work" / "unfinished").exists()
     store.gc(scratch=True)
     assert not (tmp_path / "s" / ".work" / "unfinished").exists()
+
+
+def test_lock_files_do_not_pile_up(tmp_path):
+    store = Store(tmp_path)
+    for n in range(5):
+        publish(store, "s", f"v{n}", {"a": str(n).encode()})
+    with store.lock("s", "v9"):
+        assert [p.name for p in (tmp_path / "s" / ".locks").iterdir()] == ["v9.lock"]
+    assert list((tmp_path / "s" / ".locks").iterdir()) == []
+
+
+def _count_holders(root: str, inside, overlaps, n: int) -> None:
+    store = Store(root)
+    for _ in range(n):
+        with store.lock("s", "v1"):
+            with inside.get_lock():
+                inside.value += 1
+                if inside.value > 1:
+                    overlaps.value += 1
+            time.sleep(0.002)
+            with inside.get_lock():
+                inside.value -= 1
+
+
+def test_removing_lock_files_keeps_one_holder_at_a_time(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    inside, overlaps = ctx.Value("i", 0), ctx.Value("i", 0)
+    workers = [ctx.Process(target=_count_holders, args=(str(tmp_path), inside, overlaps, 60)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert overlaps.value == 0
+
+
+def test_damage_names_what_is_wrong_and_verify_reads_the_bytes(tmp_path):
+    store = Store(tmp_path)
+    publish(store, "s", "v1", {"a": b"12345", "docs/b": b"x"})
+    folder = tmp_path / "s" / "v1"
+    assert store.damage("s", "v1") is None and store.damage("s", "v1", verify=True) is None
+    (folder / "a").write_bytes(b"12399")  # same size, other bytes
+    assert store.damage("s", "v1") is None
+    assert store.damage("s", "v1", verify=True) == "a does not match its sha256"
+    (folder / "a").write_bytes(b"123")
+    assert store.damage("s", "v1") == "a has 3 bytes, the manifest lists 5"
+    (folder / "docs" / "b").unlink()
+    assert store.damage("s", "v1") == "a has 3 bytes, the manifest lists 5"
+    (folder / "a").write_bytes(b"12345")
+    assert store.damage("s", "v1") == "docs/b is missing"
+    (folder / "manifest.json").write_text("{not json")
+    assert "manifest.json is unreadable" in store.damage("s", "v1")
+    # publish does not take a damaged version for a complete one
+    assert publish(store, "s", "v1", {"a": b"fresh"})
+    assert store.damage("s", "v1", verify=True) is None
+
+
+def test_a_run_killed_with_sigkill_is_shown_dead(tmp_path):
+    from storage.store import process_started, run_status
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"status": "running", "host": socket.gethostname(), "pid": child.pid}
+        record["pid_started"] = process_started(child.pid)
+        assert run_status(record) == "running"
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        assert run_status(record) == "dead"
+        # The same pid taken by another process later (another start time) is no proof of life either.
+        assert run_status({**record, "pid": os.getpid()}) == "dead"
+        assert run_status({**record, "status": "completed"}) == "completed"
+        assert run_status({**record, "host": "another-host"}) == "running"  # cannot tell from here
+    finally:
+        child.kill()
+        child.wait()
