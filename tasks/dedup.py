@@ -239,5 +239,7 @@ def build(ctx: StageContext, cfg: DedupConfig) -> dict[str, Any]:
     return metrics
 
 
-STAGE = Stage(name="dedup", module=__name__, config=DedupConfig, build=build, inputs=("clean",))
+STAGE = Stage(
+    name="dedup", module=__name__, config=DedupConfig, build=build, inputs=("clean",), libraries=("pyarrow", "python")
+)
 dedup_task = stage_task(STAGE)

@@ -22,7 +22,7 @@ from model.tokenizer import FILENAME, Tokenizer
 from model.train import METRICS, plot_losses, resolve_device
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store, canonical_json
-from tasks.pretrain import TrainingFields, result_metrics
+from tasks.pretrain import RUN_RECORDS, TrainingFields, result_metrics, training_environment
 from tasks.sample_data import default_finetune_pairs
 from tasks.stage import Stage, StageContext, stage_task
 
@@ -158,5 +158,8 @@ STAGE = Stage(
     build=build,
     inputs=("pretrain", "tokenizer"),
     identity=data_identity,
+    libraries=("torch", "numpy"),
+    environment=training_environment,
+    records=RUN_RECORDS,
 )
 finetune_task = stage_task(STAGE, retries=2, backoff_seconds=10)

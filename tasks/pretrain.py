@@ -199,6 +199,15 @@ def build(ctx: StageContext, cfg: PretrainConfig) -> dict[str, Any]:
     }
 
 
+def training_environment(cfg: TrainingFields) -> dict[str, Any]:
+    """What of the machine shapes a trained model: the device kind, and the precision the loop computes in
+    there (bf16 autocast on CUDA GPUs that support it, fp32 elsewhere). A CUDA bf16 model and a CPU fp32 one
+    are different versions, though their settings are the same."""
+    device = resolve_device(cfg.device)
+    bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return {"device": device.type, "precision": "bf16" if bf16 else "fp32"}
+
+
 def check_processes_fit(nproc: int, device: torch.device) -> None:
     """On GPUs each process takes one device: more processes than devices would fail deep inside NCCL."""
     if device.type == "cuda" and nproc > torch.cuda.device_count():
@@ -208,5 +217,16 @@ def check_processes_fit(nproc: int, device: torch.device) -> None:
         )
 
 
-STAGE = Stage(name="pretrain", module=__name__, config=PretrainConfig, build=build, inputs=("tokens",))
+# Timings and their plot describe how the run went; the weights and the losses are what it made.
+RUN_RECORDS = (METRICS, "loss.png")
+STAGE = Stage(
+    name="pretrain",
+    module=__name__,
+    config=PretrainConfig,
+    build=build,
+    inputs=("tokens",),
+    libraries=("torch", "numpy"),
+    environment=training_environment,
+    records=RUN_RECORDS,
+)
 pretrain_task = stage_task(STAGE, retries=2, backoff_seconds=10)

@@ -91,5 +91,12 @@ def build(ctx: StageContext, cfg: TokenizerConfig) -> dict[str, Any]:
     return {"kind": cfg.kind, "vocab_size": tokenizer.vocab_size, "train_docs": texts.docs, "train_chars": texts.chars}
 
 
-STAGE = Stage(name="tokenizer", module=__name__, config=TokenizerConfig, build=build, inputs=("dedup",))
+STAGE = Stage(
+    name="tokenizer",
+    module=__name__,
+    config=TokenizerConfig,
+    build=build,
+    inputs=("dedup",),
+    libraries=("tokenizers", "pyarrow"),
+)
 tokenizer_task = stage_task(STAGE)

@@ -73,6 +73,9 @@ def tokenizer_split(manifest: dict[str, Any], requested: SplitConfig | None) -> 
 
 
 def build(ctx: StageContext, cfg: TokensConfig) -> dict[str, Any]:
+    # The tokenizer must have been trained on these very documents' training split (--only tokens pairs each
+    # input's latest version, and the two latest pointers can come from different runs).
+    ctx.require_common_ancestor("tokenizer", "dedup")
     tokenizer_dir = ctx.input_path("tokenizer")
     split = tokenizer_split(ctx.input_manifest("tokenizer"), cfg.split)
     tokenizer = Tokenizer.load(tokenizer_dir / FILENAME)
@@ -140,5 +143,12 @@ def build(ctx: StageContext, cfg: TokensConfig) -> dict[str, Any]:
     return meta
 
 
-STAGE = Stage(name="tokens", module=__name__, config=TokensConfig, build=build, inputs=("dedup", "tokenizer"))
+STAGE = Stage(
+    name="tokens",
+    module=__name__,
+    config=TokensConfig,
+    build=build,
+    inputs=("dedup", "tokenizer"),
+    libraries=("tokenizers", "numpy", "pyarrow"),
+)
 tokens_task = stage_task(STAGE)

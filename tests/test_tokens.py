@@ -147,3 +147,13 @@ def test_meta_is_plain_json_readers_can_check(tmp_path):
         "val_bytes",
     ):
         assert key in meta
+
+
+def test_a_tokenizer_trained_on_other_documents_is_refused(tmp_path):
+    root = tmp_path / "store"
+    docs = make_docs(40)
+    _, tok_ref = build_tokens(root, [docs[:30]])
+    other = publish_dedup(root, [docs[10:]], version="dedup-v2")
+    with pytest.raises(ConfigError, match=f"tokenizer/{tok_ref.version} was built from dedup/dedup-v1, not from the "):
+        STAGE.run(root, TokensConfig(), {"dedup": other, "tokenizer": tok_ref})
+    assert Store(root).versions("tokens")[-1]["inputs"]["dedup"] == "dedup-v1"  # nothing published for v2
