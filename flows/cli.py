@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_stage", choices=STAGE_ORDER, help="start at this stage")
     run.add_argument("--until", choices=STAGE_ORDER, help="stop after this stage")
     run.add_argument("--force", action="append", default=[], choices=STAGE_ORDER, help="recompute this stage")
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="reuse a stored version only if every file matches its sha256 (reads every byte; without it, names "
+        "and sizes are checked)",
+    )
 
     sample = sub.add_parser("sample-data", help="write the embedded default corpus as an OpenWebText archive")
     sample.add_argument("dir", type=Path)
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     store = sub.add_parser("storage", help="inspect or clean the versioned store")
     store.add_argument("--storage", default=default_storage())
     store_sub = store.add_subparsers(dest="action", required=True)
-    ls = store_sub.add_parser("ls", help="list stages, or one stage's versions")
+    ls = store_sub.add_parser("ls", help="list stages, or one stage's versions, or (ls runs) the runs")
     ls.add_argument("stage", nargs="?")
     show = store_sub.add_parser("show", help="print one version's manifest (a unique id prefix is enough)")
     show.add_argument("version")
@@ -118,23 +124,33 @@ def hide_user_error_tracebacks() -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from flows.config import load_config
+    from flows.config import preset_config, read_settings_file
     from flows.pipeline import STAGE_INPUTS, pipeline
-    from flows.plan import StageSelection, check_options, plan_stages
+    from flows.plan import StageSelection, plan_stages
+    from flows.preflight import check_run
     from storage.errors import GptflowError
+    from storage.store import Store
 
     hide_user_error_tracebacks()
     try:  # every mistake in the options is found before any work starts
         selection = StageSelection(only=args.only, from_stage=args.from_stage, until=args.until, force=args.force)
-        config = load_config(args.preset, args.config) if args.config else None
-        if config is None:
-            load_config(args.preset)
-        check_options(plan_stages(selection, STAGE_INPUTS), selection, args.source)
+        overrides = read_settings_file(args.config) if args.config else {}
+        cfg = preset_config(args.preset, overrides)
+        if args.source:
+            cfg = cfg.with_sources(args.source)
+        check_run(Store(args.storage), plan_stages(selection, STAGE_INPUTS), selection, cfg, args.source, args.verify)
     except (GptflowError, ValueError) as exc:
         if isinstance(exc, ValidationError):
             raise
         raise UsageError(_one_line(exc)) from exc
-    record = pipeline(storage=args.storage, preset=args.preset, sources=args.source, config=config, selection=selection)
+    record = pipeline(
+        storage=args.storage,
+        preset=args.preset,
+        sources=args.source,
+        config=overrides or None,
+        selection=selection,
+        verify=args.verify,
+    )
     print_run(record)
     return 0
 
@@ -145,6 +161,12 @@ def print_run(record: dict[str, Any]) -> None:
     for stage, info in record["stages"].items():
         print(f"{stage:<10} {info['version'] or '-':<13} {info['status']}")
     summary = record.get("summary") or {}
+    extract = summary.get("data", {}).get("extract", {})
+    if extract.get("quarantined_archives"):
+        print(
+            f"\nextract: {extract['quarantined_archives']} of {extract.get('inner_archives', '?')} inner archives "
+            f"quarantined as corrupt ({extract.get('corrupt_fraction', 0):.2%}); see the extract manifest"
+        )
     if "champion" in summary:
         print(f"\nchampion: {summary['champion']}")
     for name in ("pretrain", "finetune", "quantized"):
@@ -166,7 +188,9 @@ def cmd_storage(args: argparse.Namespace) -> int:
     from storage.store import Store
 
     store = Store(args.storage)
-    if args.action == "ls":
+    if args.action == "ls" and args.stage == "runs":
+        print_runs(store)
+    elif args.action == "ls":
         stages = [args.stage] if args.stage else store.stages()
         for stage in stages:
             latest = store.latest(stage)
@@ -184,6 +208,16 @@ def cmd_storage(args: argparse.Namespace) -> int:
             print(f"{verb} {item}")
         print(f"{verb} {len(removed)} versions")
     return 0
+
+
+def print_runs(store: Any) -> None:
+    """One line per run, oldest first: a run whose process died without a word (SIGKILL) reads `dead`."""
+    from storage.store import run_status
+
+    for record in store.runs():
+        failed = f"  {record.get('failed_stage')}: {record.get('error')}" if record.get("failed_stage") else ""
+        started = str(record.get("started_at", ""))[:19]
+        print(f"{record.get('run_id', '?'):<36}  {started}  {run_status(record):<11}{failed}")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -5,14 +5,20 @@ Presets:
     tiny   a laptop CPU in minutes: the embedded default corpus, a 4-layer, 128-wide GPT, BPE 2k
     small  one GPU, hours: a 6-layer, 384-wide GPT on some OpenWebText subsets, BPE 16k
     gpt2   GPT-2 small (124M parameters) on all of OpenWebText, the nanoGPT recipe, on 8 GPUs (DDP)
+
+Settings are always a preset with changes laid over it, however they arrive: a `--config` file, or the
+`config` parameter of the flow (a form in the Prefect UI, or the API), which is `PipelineOverrides`, the
+same fields as `PipelineConfig` with every one optional: the fields left empty keep the preset's value.
 """
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
 from storage.errors import ConfigError
 from tasks.clean import CleanConfig
@@ -32,7 +38,7 @@ Preset = Literal["tiny", "small", "gpt2"]
 # embedded corpus, and `--source` replaces them).
 DownloadOptions = create_model(
     "DownloadOptions",
-    __config__=ConfigDict(extra="forbid"),
+    __config__=ConfigDict(extra="forbid", strict=True),
     **{name: (field.annotation, field) for name, field in DownloadConfig.model_fields.items() if name != "sources"},
 )
 
@@ -40,7 +46,7 @@ DownloadOptions = create_model(
 class PipelineConfig(BaseModel):
     """Every stage's settings. Unset fields keep each stage's documented default."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     sources: Sources = Field(
         default_factory=list,
@@ -159,6 +165,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _overrides_of(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """`model` with every field optional and defaulting to None, nested models likewise: a form whose empty
+    fields mean "keep the preset's value". Descriptions and bounds stay, so the UI shows and enforces them."""
+    fields: dict[str, Any] = {}
+    for field_name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = _overrides_of(annotation, f"{annotation.__name__}Overrides")
+        optional = FieldInfo.merge_field_infos(info, annotation=annotation | None, default=None)
+        optional.default_factory = None
+        fields[field_name] = (annotation | None, optional)
+    return create_model(name, __config__=ConfigDict(extra="forbid", strict=True), __doc__=model.__doc__, **fields)
+
+
+PipelineOverrides = _overrides_of(PipelineConfig, "PipelineOverrides")
+
+
+def overrides_dict(overrides: BaseModel | dict[str, Any] | None) -> dict[str, Any]:
+    """The fields a user set, as a nested dict to lay over a preset (empty fields of the form left out)."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, BaseModel):
+        return overrides.model_dump(mode="json", exclude_none=True)
+    return PipelineOverrides.model_validate(overrides).model_dump(mode="json", exclude_none=True)
+
+
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overlay.items():
@@ -169,17 +201,31 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def preset_config(preset: str) -> PipelineConfig:
+def preset_config(preset: str, overrides: BaseModel | dict[str, Any] | None = None) -> PipelineConfig:
+    """The preset's settings with `overrides` laid over them, validated together: the one way settings are
+    made, for a settings file and for the flow's `config` parameter alike."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PipelineConfig.model_validate(PRESETS[preset])
+    return PipelineConfig.model_validate(deep_merge(PRESETS[preset], overrides_dict(overrides)))
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML as a settings file means it: `1e-3` is a number (YAML 1.1, PyYAML's dialect, reads it as text,
+    and strict settings would then refuse it); everything else as safe_load reads it."""
+
+
+_SettingsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def read_settings_file(path: Path) -> dict[str, Any]:
     """A YAML or JSON file of settings (JSON is YAML, so one parser reads both)."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SettingsLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such settings file") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -193,10 +239,7 @@ def read_settings_file(path: Path) -> dict[str, Any]:
 
 def load_config(preset: str, path: Path | None = None) -> PipelineConfig:
     """The preset's settings with the file's laid over them, validated together."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    overlay = read_settings_file(path) if path else {}
-    return PipelineConfig.model_validate(deep_merge(PRESETS[preset], overlay))
+    return preset_config(preset, read_settings_file(path) if path else None)
 
 
 def dump_config(config: PipelineConfig) -> str:

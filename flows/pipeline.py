@@ -10,8 +10,9 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig, Preset, preset_config
-from flows.plan import StageSelection, check_options, plan_stages
+from flows.config import PipelineOverrides, Preset, overrides_dict, preset_config
+from flows.plan import StageSelection, plan_stages
+from flows.preflight import check_run
 from storage.store import StageRef, Store
 from tasks import clean, dedup, download, evaluate, extract, finetune, pretrain, quantize, tokenizer, tokens
 from tasks.runs import RunRecorder
@@ -31,18 +32,24 @@ def pipeline(
     storage: str = "storage",
     preset: Preset = "tiny",
     sources: list[str] | None = None,
-    config: PipelineConfig | None = None,
+    config: PipelineOverrides | None = None,  # type: ignore[valid-type]
     selection: StageSelection | None = None,
+    verify: bool = False,
 ) -> dict[str, Any]:
-    """Run the pipeline (or the selected part of it) and return the run record."""
+    """Run the pipeline (or the selected part of it) and return the run record.
+
+    `config` holds changes to the preset (the fields left empty keep the preset's values), exactly as a
+    `--config` file does. `verify` also checks every reused version's files against their sha256.
+    """
     log = get_run_logger()
     store = Store(storage)
     selection = selection or StageSelection()
-    cfg = config or preset_config(preset)
+    overrides = overrides_dict(config)
+    cfg = preset_config(preset, overrides)
     plan = plan_stages(selection, STAGE_INPUTS)
-    check_options(plan, selection, sources)
     if sources:
         cfg = cfg.with_sources(sources)
+    check_run(store, plan, selection, cfg, sources, verify)
     if "download" in plan.run and not cfg.sources:
         cfg = cfg.with_sources([str(ensure_sample_archive(default_source_dir()))])
     run_id = str(flow_run.id or uuid.uuid4())
@@ -50,7 +57,8 @@ def pipeline(
         store,
         run_id,
         flow_run_name=flow_run.name,
-        preset=preset if config is None else "custom",
+        preset=preset,
+        overrides=overrides,
         plan=list(plan.run),
         config=cfg.model_dump(mode="json"),
     )
@@ -68,6 +76,7 @@ def pipeline(
                 cfg.stage_config(name),
                 {input_name: refs[input_name] for input_name in stage.inputs},
                 force=name in selection.force,
+                verify=verify,
                 return_state=True,
             )
             refs[name] = state.result()  # raises the stage's own error if it failed
@@ -77,8 +86,26 @@ def pipeline(
     return recorder.completed(summary=summarize(store, refs))
 
 
+# What the end of a run shows of each data stage's manifest: how much data there was, and what was set aside.
+DATA_COUNTS = {
+    "extract": ("docs", "inner_archives", "quarantined_archives", "corrupt_fraction", "oversized_members"),
+    "clean": ("docs_in", "kept", "removed", "removed_by_reason"),
+    "dedup": ("docs_in", "kept", "exact_duplicates", "near_duplicates"),
+    "tokens": ("train_tokens", "val_tokens", "train_docs", "val_docs"),
+}
+
+
 def summarize(store: Store, refs: dict[str, StageRef]) -> dict[str, Any]:
-    """The few numbers a person wants at the end of a run: the evaluation's headline metrics."""
-    if "evaluate" not in refs:
-        return {}
-    return store.manifest("evaluate", refs["evaluate"].version)["metrics"]
+    """The few numbers a person wants at the end of a run: the data stages' counts (quarantined inner
+    archives included) and the evaluation's headline metrics."""
+    summary: dict[str, Any] = {}
+    data = {}
+    for stage, keys in DATA_COUNTS.items():
+        if stage in refs:
+            metrics = store.manifest(stage, refs[stage].version)["metrics"]
+            data[stage] = {key: metrics[key] for key in keys if key in metrics}
+    if data:
+        summary["data"] = data
+    if "evaluate" in refs:
+        summary.update(store.manifest("evaluate", refs["evaluate"].version)["metrics"])
+    return summary

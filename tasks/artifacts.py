@@ -56,6 +56,27 @@ def _scalar_rows(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, A
     return rows
 
 
+# Rows of a listed metric (quarantined archives, say) shown in the UI; the manifest holds them all.
+MAX_LISTED_ROWS = 20
+
+
+def _listed_tables(metrics: dict[str, Any]) -> list[str]:
+    """Metrics that are lists of records (the quarantined inner archives, say) as tables of their rows."""
+    lines: list[str] = []
+    for key, value in metrics.items():
+        if not (isinstance(value, list) and value and all(isinstance(row, dict) for row in value)):
+            continue
+        columns = list(dict.fromkeys(column for row in value for column in row))
+        lines += ["", f"**{key}** ({len(value)})", "", "| " + " | ".join(columns) + " |"]
+        lines.append("|" + "---|" * len(columns))
+        for row in value[:MAX_LISTED_ROWS]:
+            cells = (str(row.get(column, "")).replace("|", "\\|").replace("\n", " ") for column in columns)
+            lines.append("| " + " | ".join(cells) + " |")
+        if len(value) > MAX_LISTED_ROWS:
+            lines.append(f"\n{len(value) - MAX_LISTED_ROWS} more in the manifest")
+    return lines
+
+
 def summary_markdown(store: Store, ref: StageRef) -> str:
     manifest = store.manifest(ref.stage, ref.version)
     folder = store.path(ref.stage, ref.version)
@@ -71,6 +92,7 @@ def summary_markdown(store: Store, ref: StageRef) -> str:
         "| metric | value |",
         "|---|---|",
         *(f"| {name} | {value} |" for name, value in _scalar_rows(manifest["metrics"])),
+        *_listed_tables(manifest["metrics"]),
     ]
     report = folder / "report.md"
     if report.is_file():

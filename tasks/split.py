@@ -16,7 +16,7 @@ _UNIT_BITS = 53
 class SplitConfig(BaseModel):
     """How documents are split between training and validation."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     seed: int = Field(
         default=1337,

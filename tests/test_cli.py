@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from builders import publish_docs
 
-from flows.cli import ConsoleWithoutUserTracebacks
+from flows.cli import ConsoleWithoutUserTracebacks, main
 from storage.errors import DataIntegrityError
+from storage.store import Store
 
 
 def gptflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -37,33 +39,80 @@ def test_console_hides_tracebacks_of_user_errors_only():
 def test_a_missing_source_is_one_line_on_stderr_without_a_traceback(tmp_path):
     missing = tmp_path / "missing.tar.xz"
     result = gptflow("run", "--storage", str(tmp_path / "store"), "--source", str(missing), "--until", "download")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    last = [line for line in result.stderr.splitlines() if line.startswith("gptflow:")]
-    assert last == [f"gptflow: error: source {missing}: {missing} does not exist"]
-    record = next((tmp_path / "store" / "runs").glob("*.json")).read_text()
-    assert '"failed_stage": "download"' in record
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"gptflow: error: source {missing}: {missing} does not exist"]
+    assert not (tmp_path / "store").exists()  # refused before any stage, or any run record
 
 
-def test_usage_errors_exit_2_before_any_work(tmp_path):
-    result = gptflow("run", "--storage", str(tmp_path / "store"), "--only", "nonsense")
-    assert result.returncode == 2 and "invalid choice: 'nonsense'" in result.stderr
+def test_every_usage_mistake_is_one_line_and_exit_2_before_any_stage(tmp_path, capsys):
+    store = tmp_path / "store"
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(b"x")
+    (tmp_path / "settings.yaml").write_text("pretrain:\n  max_steps: true\n")
+    (tmp_path / "file-store").write_text("not a folder")
+    (tmp_path / "data.yaml").write_text(f"finetune:\n  data: {tmp_path / 'pairs.jsonl'}\n")
+    for args, message in [
+        (["--source", str(tmp_path)], f"source {tmp_path}: {tmp_path} is a folder, not a file"),
+        (["--source", "ftp://example.org/a.tar"], "unsupported scheme 'ftp'"),
+        (["--source", str(archive), "--source", str(archive)], "is listed twice"),
+        (["--only", "tokens"], "--only tokens needs a stored dedup version and"),
+        (["--config", str(tmp_path / "settings.yaml")], "pretrain.max_steps: Input should be a valid integer"),
+        (["--config", str(tmp_path / "data.yaml"), "--source", str(archive)], "pairs.jsonl does not exist"),
+    ]:
+        code, err = run_main(capsys, "--storage", str(store), *args)
+        assert code == 2, args
+        assert len(err) == 1 and err[0].startswith("gptflow: error: ") and message in err[0], (args, err)
+    code, err = run_main(capsys, "--storage", str(tmp_path / "file-store"), "--source", str(archive))
+    assert code == 2 and err == [f"gptflow: error: --storage {tmp_path / 'file-store'} is a file, not a folder"]
+    assert not store.exists()
+
+
+def test_a_damaged_or_mismatched_stored_input_is_refused_before_the_run(tmp_path, capsys):
+    store = Store(tmp_path / "store")
+    publish_docs(store.root, "dedup", [[("a", "text")]], version="d1")
+    publish_docs(store.root, "dedup", [[("a", "text")]], version="d2")
+    store.publish(
+        "tokenizer",
+        "t1",
+        lambda out: (out / "tokenizer.json").write_text("{}"),
+        params={},
+        inputs={"dedup": "d1"},
+        code_version="c",
+    )
+    store.set_latest("dedup", "d2")
+    code, err = run_main(capsys, "--storage", str(store.root), "--only", "tokens")
+    assert code == 2 and "the latest tokenizer (t1) was built from dedup/d1, but the latest dedup is d2" in err[0]
+    store.set_latest("dedup", "d1")
+    (store.path("tokenizer", "t1") / "tokenizer.json").unlink()
+    code, err = run_main(capsys, "--storage", str(store.root), "--only", "tokens")
+    assert code == 2 and "tokenizer/t1 in" in err[0] and "is damaged (tokenizer.json is missing)" in err[0]
+
+
+def run_main(capsys, *args: str) -> tuple[int, list[str]]:
+    code = main(["run", *args])
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_usage_errors_exit_2_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--storage", str(tmp_path / "store"), "--only", "nonsense"])
+    assert exited.value.code == 2 and "invalid choice: 'nonsense'" in capsys.readouterr().err
     for args, message in [
         (["--only", "tokens", "--source", "x.tar"], "--source is read by the download stage"),
         (["--until", "clean", "--force", "pretrain"], "--force pretrain: not among the stages this run executes"),
         (["--config", str(tmp_path / "missing.yaml")], "missing.yaml: no such settings file"),
         (["--preset", "huge"], "unknown preset 'huge'"),
     ]:
-        result = gptflow("run", "--storage", str(tmp_path / "store"), *args)
-        assert result.returncode == 2, args
-        (line,) = result.stderr.strip().splitlines()
+        code, err = run_main(capsys, "--storage", str(tmp_path / "store"), *args)
+        assert code == 2, args
+        (line,) = err
         assert line.startswith("gptflow: error: ") and message in line
     assert not (tmp_path / "store").exists()
-    result = gptflow("storage", "--storage", str(tmp_path / "store"), "show", "abc")
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"gptflow: error: no version in {tmp_path / 'store'} match 'abc'"
+    assert main(["storage", "--storage", str(tmp_path / "store"), "show", "abc"]) == 2
+    assert capsys.readouterr().err.strip() == f"gptflow: error: no version in {tmp_path / 'store'} match 'abc'"
 
 
+@pytest.mark.slow
 def test_sample_data_writes_the_openwebtext_archive(tmp_path):
     result = gptflow("sample-data", str(tmp_path / "out"))
     assert result.returncode == 0

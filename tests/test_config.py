@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from flows.config import PRESETS, PipelineConfig, load_config, preset_config
+from flows.config import PRESETS, PipelineConfig, PipelineOverrides, deep_merge, load_config, preset_config
 from model.gpt import GPT, GPTConfig
 from storage.errors import ConfigError
 from tasks.pretrain import padded_vocab_size
@@ -77,3 +77,27 @@ def test_sources_replace_but_do_not_leak_between_configs():
     base = preset_config("tiny")
     with_source = base.with_sources(["https://example.org/a.tar.xz"])
     assert base.sources == [] and with_source.stage_config("download").sources[0].url.startswith("https://")
+
+
+def test_types_are_strict_and_settings_files_read_numbers_as_numbers(tmp_path):
+    for wrong in ({"pretrain": {"max_steps": True}}, {"pretrain": {"max_steps": "70"}}, {"tokenizer": {"kind": 1}}):
+        with pytest.raises(ValidationError):
+            PipelineConfig.model_validate(deep_merge(PRESETS["tiny"], wrong))
+    path = tmp_path / "settings.yaml"
+    path.write_text("pretrain:\n  learning_rate: 1e-3\n  min_lr: 3E-5\n  max_steps: 70\n")
+    cfg = load_config("tiny", path)
+    assert (cfg.pretrain.learning_rate, cfg.pretrain.min_lr, cfg.pretrain.max_steps) == (1e-3, 3e-5, 70)
+
+
+def test_overrides_keep_the_preset_where_they_are_empty():
+    form = PipelineOverrides.model_validate({"pretrain": {"max_steps": 700, "n_embd": None}, "tokenizer": None})
+    cfg = preset_config("small", form)
+    assert cfg.pretrain.max_steps == 700
+    assert cfg.pretrain.n_embd == PRESETS["small"]["pretrain"]["n_embd"]
+    assert cfg.tokenizer.vocab_size == PRESETS["small"]["tokenizer"]["vocab_size"]
+    assert preset_config("small", {"pretrain": {"max_steps": 700}}) == cfg  # a dict, as a settings file gives
+    # The form keeps each field's description and bounds.
+    field = PipelineOverrides.model_json_schema()["$defs"]["PretrainConfigOverrides"]["properties"]["max_steps"]
+    assert field["description"] and field["anyOf"][0]["minimum"] == 1
+    with pytest.raises(ValidationError):
+        PipelineOverrides.model_validate({"pretrain": {"max_steps": 0}})

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from flows.config import PipelineConfig, deep_merge
+from flows.config import PipelineOverrides, deep_merge
 from flows.pipeline import pipeline
 from flows.plan import STAGE_ORDER, StageSelection
 from storage.store import Store
@@ -42,8 +42,9 @@ TEST_SETTINGS = {
 }
 
 
-def config(**overrides) -> PipelineConfig:
-    return PipelineConfig.model_validate(deep_merge(TEST_SETTINGS, overrides))
+def config(**overrides) -> dict:
+    """The flow's `config` parameter as the API sends it: changes laid over the (tiny) preset."""
+    return deep_merge(TEST_SETTINGS, overrides)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,8 @@ def test_first_run_builds_every_stage_to_the_storage_contract(first_run):
     assert statuses(record) == {stage: "ran" for stage in STAGE_ORDER}
     saved = json.loads((storage / "runs" / f"{record['run_id']}.json").read_text())
     assert saved["stages"] == record["stages"]
-    assert saved["preset"] == "custom" and saved["config"]["pretrain"]["max_steps"] == 200  # reproducible
+    assert saved["preset"] == "tiny" and saved["overrides"]["pretrain"]["max_steps"] == 200
+    assert saved["config"]["pretrain"]["max_steps"] == 200  # the full settings: the run is reproducible
     for stage in STAGE_ORDER:
         version = store.latest(stage)
         assert version == record["stages"][stage]["version"]
@@ -233,3 +235,32 @@ def test_the_ui_shows_training_progress_and_each_versions_summary(first_run):
     assert record["stages"]["evaluate"]["version"] in report
     assert "| model |" in report and "data:image/png;base64," in report  # the report and its plots
     assert "val_loss" in first["pretrain-version"].data
+
+
+def test_the_ui_form_is_laid_over_the_preset(prefect_harness, corpus, tmp_path):
+    """The `config` a UI form sends holds every field, the untouched ones empty: those keep the preset's
+    values, exactly as with `--config`, instead of the stage defaults."""
+
+    def empty(schema: dict, defs: dict) -> dict:
+        fields = {}
+        for name, prop in schema["properties"].items():
+            ref = next((a["$ref"] for a in prop.get("anyOf", []) if "$ref" in a), None)
+            fields[name] = empty(defs[ref.rsplit("/", 1)[-1]], defs) if ref else None
+        return fields
+
+    schema = PipelineOverrides.model_json_schema()
+    form = empty(schema, schema["$defs"])
+    form["pretrain"]["max_steps"] = 700
+    for field in ("extract", "tokenizer", "pretrain"):
+        assert field in form and all(value is None or isinstance(value, dict) for value in form[field].values())
+    record = pipeline(
+        storage=str(tmp_path / "store"),
+        preset="small",
+        sources=[str(corpus)],
+        config=form,
+        selection=StageSelection(until="download"),
+    )
+    settings = record["config"]
+    assert settings["pretrain"]["max_steps"] == 700  # the one field changed
+    assert settings["pretrain"]["n_embd"] == 384 and settings["tokenizer"]["vocab_size"] == 16_384  # small's
+    assert record["overrides"] == {"pretrain": {"max_steps": 700}}
