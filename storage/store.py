@@ -321,7 +321,7 @@ class Store:
             except BaseException as exc:
                 written = _folder_bytes(tmp)
                 shutil.rmtree(tmp, ignore_errors=True)
-                if (full := _disk_full(exc)) is not None:
+                if not isinstance(exc, DiskFullError) and (full := _disk_full(exc)) is not None:
                     where = full.filename or tmp
                     raise DiskFullError(
                         f"{stage}/{version}: no space left on the device writing {where} ({written:,} bytes of the "
