@@ -100,13 +100,27 @@ def pair_key(pair: dict[str, str], seed: int) -> float:
 def split_pairs(
     pairs: Sequence[dict[str, str]], heldout_fraction: float, seed: int
 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(train, heldout). The split depends on each pair's content and the seed only: reordering the data
-    keeps it, and a pair that occurs twice lands on one side, so held-out pairs are never trained on."""
+    """(train, heldout), each a list of {"prompt", "response"} pairs.
+
+    A pair that carries a `split` ("train" or "heldout") goes where it says: the embedded default pairs
+    do, because their held-out side must match the modules left out of the default pretraining corpus.
+    Any other pair is held out when its seeded content hash (`pair_key`) falls below `heldout_fraction`,
+    so the split depends on each pair's content and the seed only: reordering the data keeps it, and a
+    pair that occurs twice lands on one side, so held-out pairs are never trained on."""
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
     train_pairs, heldout = [], []
     for pair in pairs:
-        (heldout if pair_key(pair, seed) < heldout_fraction else train_pairs).append(pair)
+        side = pair.get("split")
+        if side is None:
+            held = pair_key(pair, seed) < heldout_fraction
+        elif side in ("train", "heldout"):
+            held = side == "heldout"
+        else:
+            raise DataIntegrityError(
+                f"fine-tuning pair {pair['prompt']!r}: split must be 'train' or 'heldout', got {side!r}"
+            )
+        (heldout if held else train_pairs).append({"prompt": pair["prompt"], "response": pair["response"]})
     return train_pairs, heldout
 
 

@@ -1,10 +1,12 @@
 """Stage "finetune": supervised fine-tuning of the pretrained model on prompt/response pairs.
 
-The pairs come from a JSONL file of {"prompt", "response"} objects, or from the embedded default set. A
-seeded hash of each pair's content decides whether it is held out, so held-out pairs are never trained on;
-they are published as heldout.jsonl for the evaluate stage. The version follows the data's content (the
-`identity` hook), not its path. Output: model.pt, model_config.json, metrics.jsonl (val_loss = held-out
-response loss), heldout.jsonl, loss.png.
+The pairs come from a JSONL file of {"prompt", "response"} objects, or from the embedded default set. For
+a file, a seeded hash of each pair's content decides whether it is held out (heldout_fraction), so held-out
+pairs are never trained on. The default pairs carry their side (`split`): those of the modules left out of
+the default pretraining corpus are held out, so their answers are neither pretrained nor fine-tuned on.
+Held-out pairs are published as heldout.jsonl for the evaluate stage. The version follows the data's
+content (the `identity` hook), not its path. Output: model.pt, model_config.json, metrics.jsonl
+(val_loss = held-out response loss), heldout.jsonl, loss.png.
 """
 
 import hashlib
@@ -41,7 +43,11 @@ class FinetuneConfig(TrainingFields):
         None, description='JSONL file of {"prompt": ..., "response": ...} objects; unset = the embedded default set.'
     )
     heldout_fraction: float = Field(
-        0.1, description="Share of pairs held out for evaluation (chosen by a seeded hash of each pair).", ge=0, le=0.5
+        0.1,
+        description="Share of a data file's pairs held out for evaluation (chosen by a seeded hash of each pair). "
+        "The default set's held-out pairs are fixed: those of the modules its corpus leaves out.",
+        ge=0,
+        le=0.5,
     )
     max_steps: int = Field(300, description="Optimizer steps.", ge=1, le=10_000_000)
     learning_rate: float = Field(3e-4, description="Peak learning rate (below pretraining's 1e-3).", gt=0, le=1)

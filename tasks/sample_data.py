@@ -8,11 +8,21 @@ archive in the real OpenWebText layout and then processed like any downloaded ar
       openwebtext/urlsf_subsetNN-M_data.xz          each an xz-compressed tar
         NNNNNNN-<md5 of the text>.txt               one document per member (UTF-8)
 
+The default fine-tuning pairs come from the same docstrings (a function's signature, the first paragraph
+of its docstring). So that held-out pairs score something the model was not trained on, evaluation is held
+out by module: the modules whose seeded name hash falls below HELDOUT_MODULE_FRACTION (HELDOUT_MODULES,
+about a tenth) give the held-out pairs and nothing to the corpus. A held-out pair whose prompt or response
+still occurs in the corpus or in a training pair (a docstring copied into another module, say) is left out.
+Each default pair carries its side in a `split` field, "train" or "heldout".
+
 Everything here is deterministic for one Python installation: modules are visited in a fixed order, names
-are sorted, and nothing depends on the current directory, the clock or memory addresses. The docstrings are
-read in a fresh, isolated interpreter (this file run as a script with `-I -S`), because libraries imported
-by the calling process may replace standard-library functions (one replaces `inspect.getfile`), which would
-make the corpus depend on what the caller happened to import.
+are sorted, and nothing depends on the current directory, the clock, memory addresses, or the path the
+interpreter was started through (a signature default that names a path of the installation, such as
+`platform.architecture(executable=sys.executable)`, is shown as `...`). The docstrings are read in a fresh,
+isolated interpreter (this file run as a script with `-I -S`), because libraries imported by the calling
+process may replace standard-library functions (one replaces `inspect.getfile`), which would make the
+corpus depend on what the caller happened to import. Archive members carry fixed metadata (mtime, owner,
+mode) and the xz streams fixed settings (preset, check), so the same documents give the same bytes.
 """
 
 import hashlib
@@ -69,6 +79,21 @@ CORPUS_MODULES: tuple[str, ...] = (
     "zipfile", "zipimport", "zlib", "zoneinfo",
 )  # fmt: skip
 
+# Modules held out for evaluation: those whose seeded hash of the name falls below the fraction. A tenth,
+# like the fine-tuning stage's default heldout_fraction for a data file; with seed 0 on Python 3.11 that is
+# 23 of the 213 modules and 300 held-out pairs. Changing either changes the corpus and the pairs together.
+HELDOUT_MODULE_FRACTION = 0.1
+HELDOUT_MODULE_SEED = 0
+
+
+def is_heldout_module(name: str) -> bool:
+    """Whether module `name` is reserved for evaluation: none of its docstrings go into the corpus."""
+    digest = hashlib.sha256(f"{HELDOUT_MODULE_SEED}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < HELDOUT_MODULE_FRACTION
+
+
+HELDOUT_MODULES: tuple[str, ...] = tuple(name for name in CORPUS_MODULES if is_heldout_module(name))
+
 # A docstring shorter than this says little more than its name ("Return self.") and makes a poor document.
 MIN_DOC_CHARS = 80
 # Fine-tuning answers: long enough to say something, short enough for a tiny model's context.
@@ -77,9 +102,15 @@ MAX_RESPONSE_CHARS = 400
 # Fixed member metadata so that the archive's bytes depend on the documents only (2020-01-01T00:00:00Z).
 ARCHIVE_MTIME = 1_577_836_800
 ARCHIVE_NAME = "openwebtext.tar.xz"
-# A default value whose repr is longer than this, or is an object repr like `<object at 0x...>`, is
-# printed as `...` in signatures: such reprs vary between runs or drown the signature.
+# Every xz stream records its integrity check, so it is set here rather than left to the library
+# (CRC64 is xz's own default).
+XZ_CHECK = lzma.CHECK_CRC64
+# A default value whose repr is longer than this, is an object repr like `<object at 0x...>`, or holds an
+# absolute path is printed as `...` in signatures: such reprs vary between runs, drown the signature, or
+# name this installation (`platform.architecture(executable=sys.executable)` is the interpreter's path as
+# it was started, `pydoc.Doc.getdocloc(basedir=...)` the standard library's folder).
 _MAX_DEFAULT_REPR = 40
+_ABSOLUTE_PATH = re.compile(r"""['"](?:/|[A-Za-z]:\\\\)[^'"]""")  # a quoted '/x...' or 'C:\\x...' in a repr
 
 
 def _import(name: str) -> ModuleType | None:
@@ -113,7 +144,7 @@ def _signature(obj: Any, drop_self: bool = False) -> str | None:
         param = param.replace(annotation=inspect.Parameter.empty)
         if param.default is not inspect.Parameter.empty:
             shown = repr(param.default)
-            if shown.startswith("<") or len(shown) > _MAX_DEFAULT_REPR:
+            if shown.startswith("<") or len(shown) > _MAX_DEFAULT_REPR or _ABSOLUTE_PATH.search(shown):
                 param = param.replace(default=_Ellipsis())
         params.append(param)
     try:
@@ -146,10 +177,11 @@ def _methods(cls: type) -> list[tuple[str, Any]]:
     return found
 
 
-def _walk_stdlib() -> Iterator[tuple[str, str, Any]]:
-    """(kind, qualified name, object) for each module, class and function of CORPUS_MODULES, once each.
+def _walk_stdlib() -> Iterator[tuple[str, str, str, Any]]:
+    """(module, kind, qualified name, object) for each module, class and function of CORPUS_MODULES, once each.
 
-    An object re-exported by several modules (os.path and posixpath) is kept under the first name met.
+    An object re-exported by several modules (os.path and posixpath) is kept under the first module met,
+    which is also the module that decides whether it is held out.
     """
     seen: set[int] = set()
     for module_name in CORPUS_MODULES:
@@ -157,12 +189,12 @@ def _walk_stdlib() -> Iterator[tuple[str, str, Any]]:
         if module is None or id(module) in seen:
             continue
         seen.add(id(module))
-        yield "module", module_name, module
+        yield module_name, "module", module_name, module
         for name, obj in _members(module, module_name):
             if id(obj) in seen or not (inspect.isclass(obj) or inspect.isroutine(obj)):
                 continue
             seen.add(id(obj))
-            yield ("class" if inspect.isclass(obj) else "function"), f"{module_name}.{name}", obj
+            yield module_name, ("class" if inspect.isclass(obj) else "function"), f"{module_name}.{name}", obj
 
 
 def _class_document(qualname: str, cls: type) -> str:
@@ -179,7 +211,9 @@ def _corpus_documents_here() -> list[tuple[str, str]]:
     from pydoc_data.topics import topics
 
     documents = {f"topic/{name}": text.strip() for name, text in topics.items() if len(text) >= MIN_DOC_CHARS}
-    for kind, qualname, obj in _walk_stdlib():
+    for module_name, kind, qualname, obj in _walk_stdlib():
+        if is_heldout_module(module_name):
+            continue  # its docstrings are the held-out fine-tuning answers
         own_doc = _clean_doc(obj.__doc__)
         if kind == "module":
             text = own_doc
@@ -197,22 +231,37 @@ def _first_paragraph(doc: str) -> str:
     return " ".join(paragraph.split())
 
 
-def _finetune_pairs_here() -> list[dict[str, str]]:
-    pairs: dict[str, str] = {}
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
 
-    def add(qualname: str, func: Callable[..., Any], drop_self: bool) -> None:
+
+def _finetune_pairs_here() -> list[dict[str, str]]:
+    pairs: dict[str, tuple[str, str]] = {}  # prompt -> (response, split)
+
+    def add(module_name: str, qualname: str, func: Callable[..., Any], drop_self: bool) -> None:
         signature = _signature(func, drop_self=drop_self)
         response = _first_paragraph(_clean_doc(getattr(func, "__doc__", None)))
         if signature is not None and MIN_RESPONSE_CHARS <= len(response) <= MAX_RESPONSE_CHARS:
-            pairs.setdefault(f"{qualname}{signature}", response)
+            split = "heldout" if is_heldout_module(module_name) else "train"
+            pairs.setdefault(f"{qualname}{signature}", (response, split))
 
-    for kind, qualname, obj in _walk_stdlib():
+    for module_name, kind, qualname, obj in _walk_stdlib():
         if kind == "function":
-            add(qualname, obj, drop_self=False)
+            add(module_name, qualname, obj, drop_self=False)
         elif kind == "class":
             for name, method in _methods(obj):
-                add(f"{qualname}.{name}", method, drop_self=True)
-    return [{"prompt": prompt, "response": response} for prompt, response in sorted(pairs.items())]
+                add(module_name, f"{qualname}.{name}", method, drop_self=True)
+
+    # What pretraining and fine-tuning see, whitespace collapsed (a response is one collapsed paragraph):
+    # a held-out pair found in it would be scored on text the model was trained on, so it is left out.
+    seen = [_collapse(text) for _, text in _corpus_documents_here()]
+    seen += [f"{prompt}\n{response}" for prompt, (response, split) in pairs.items() if split == "train"]
+    haystack = "\n".join(seen)
+    return [
+        {"prompt": prompt, "response": response, "split": split}
+        for prompt, (response, split) in sorted(pairs.items())
+        if split == "train" or (_collapse(prompt) not in haystack and response not in haystack)
+    ]
 
 
 def _in_fresh_interpreter(what: str) -> Any:
@@ -237,7 +286,9 @@ def default_finetune_pairs() -> list[dict[str, str]]:
     """Prompt/response pairs: a public function's qualified name and signature, and the first paragraph
     of its docstring, e.g. `textwrap.wrap(text, width=70, **kwargs)` -> "Wrap a single paragraph of text...".
 
-    Sorted by prompt; one pair per prompt.
+    Each pair's `split` says its side: "heldout" for the functions of HELDOUT_MODULES, whose docstrings
+    are not in the default corpus and whose prompt and response occur neither in it nor in a training
+    pair; "train" for the others. Sorted by prompt; one pair per prompt.
     """
     return _in_fresh_interpreter("pairs")
 
@@ -260,7 +311,7 @@ def _inner_archive(documents: Iterable[tuple[int, str]], preset: int) -> bytes:
             data = text.encode("utf-8")
             info = _tar_member(f"{number:07d}-{hashlib.md5(data).hexdigest()}.txt", len(data))
             tar.addfile(info, io.BytesIO(data))
-    return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, preset=preset)
+    return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, check=XZ_CHECK, preset=preset)
 
 
 def write_openwebtext_archive(
@@ -290,7 +341,7 @@ def write_openwebtext_archive(
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, preset=preset) as packed:
+        with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, check=XZ_CHECK, preset=preset) as packed:
             with tarfile.open(fileobj=packed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 folder = _tar_member("openwebtext", 0)
                 folder.type, folder.mode = tarfile.DIRTYPE, 0o755
@@ -324,7 +375,7 @@ def _same_bytes(a: Path, b: Path, block: int = 1 << 20) -> bool:
 
 def ensure_sample_archive(folder: Path) -> Path:
     """`folder/openwebtext.tar.xz` holding the default corpus; an identical file already there is left
-    untouched, so its mtime (part of a local source's identity) stays stable across runs."""
+    untouched, so the download stage need not hash it again (its content is the source's identity)."""
     folder = Path(folder).expanduser().resolve()
     dest = folder / ARCHIVE_NAME
     fresh = write_openwebtext_archive(default_corpus_documents(), folder / f".{ARCHIVE_NAME}.{uuid.uuid4().hex}.new")

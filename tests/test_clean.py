@@ -1,4 +1,8 @@
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -105,6 +109,192 @@ def test_normalize_keeps_one_blank_line_between_paragraphs():
 )
 def test_filter_decision_and_reason(doc_filter, text, reason):
     assert doc_filter.decide(text) == reason
+
+
+# -- filters: every threshold, exactly on it (kept) and just past it (dropped) ----------------------------
+# The filter under test is the one build_filters makes from the config, so each field is also checked to
+# reach the filter it names. Fractions are built as counts p of q with p/q equal to the threshold as a float.
+
+
+def _counts(threshold: float) -> tuple[int, int]:
+    share = Fraction(threshold).limit_denominator(100)
+    p, q = share.numerator, share.denominator
+    assert p / q == threshold, f"no small count ratio equals {threshold}"
+    return p, q
+
+
+def _at_most(threshold: float, text: Callable[[int, int], str]) -> tuple[str, str]:
+    """For a maximum share: `text(matching, total)` with a share equal to it, and the nearest one above it
+    (one more matching item, or one other item fewer)."""
+    p, q = _counts(threshold)
+    above = [(p + 1, q + 1)] + ([(p, q - 1)] if 0 < p <= q - 1 else [])
+    return text(p, q), text(*min(above, key=lambda counts: counts[0] / counts[1]))
+
+
+def _at_least(threshold: float, text: Callable[[int, int], str]) -> tuple[str, str]:
+    """For a minimum share: `text(matching, total)` with a share equal to it, and just below it."""
+    p, q = _counts(threshold)
+    return text(p, q), text(p, q + 1)
+
+
+def _words_text(n: int) -> str:
+    return " ".join(["word"] * n)
+
+
+def _mean_length_text(lengths: list[int]) -> str:
+    return " ".join("w" * n for n in lengths)
+
+
+def _dup_char_lines(threshold: float, sep: str) -> tuple[str, str]:
+    """A repeated item holding exactly `threshold` of the characters, and one unique character fewer."""
+    p, q = _counts(threshold)
+    assert q > 2 * p, "the repeated item and its copy must leave room for a unique one"
+    unit = 10
+
+    def text(unique: int) -> str:
+        return sep.join(["a" * (p * unit), "a" * (p * unit), "b" * unique])
+
+    return text((q - 2 * p) * unit), text((q - 2 * p) * unit - 1)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    setting: str  # the CleanConfig field
+    filter_type: type
+    reason: str
+    texts: Callable[[Any], tuple[str, str]]  # threshold value -> (on it, just past it)
+    overrides: dict[str, Any] = field(default_factory=dict)  # other thresholds of the filter, out of the way
+    presets: tuple[str, ...] = ("default", "web")
+    side: str = ""  # which input a threshold with several is tested on
+
+
+_NO_OTHER_REPETITION = {
+    "max_dup_line_frac": 1.0,
+    "max_dup_line_char_frac": 1.0,
+    "max_dup_para_frac": 1.0,
+    "max_dup_para_char_frac": 1.0,
+}
+
+
+def _repetition(field_name: str, texts: Callable[[Any], tuple[str, str]], reason: str) -> Threshold:
+    others = {k: v for k, v in _NO_OTHER_REPETITION.items() if k != field_name}
+    return Threshold(field_name, RepetitionFilter, reason, texts, others)
+
+
+THRESHOLDS = [
+    Threshold(
+        "max_replacement_char_frac",
+        ReplacementCharFilter,
+        "invalid_utf8",
+        lambda t: _at_most(t, lambda p, q: "a" * (q - p) + "\ufffd" * p),
+    ),
+    Threshold("min_words", WordCountFilter, "too_short", lambda n: (_words_text(n), _words_text(n - 1))),
+    Threshold("max_words", WordCountFilter, "too_long", lambda n: (_words_text(n), _words_text(n + 1))),
+    Threshold(
+        "min_mean_word_length",
+        MeanWordLengthFilter,
+        "mean_word_length",
+        lambda n: (_mean_length_text([int(n)] * 10), _mean_length_text([int(n)] * 9 + [int(n) - 1])),
+    ),
+    Threshold(
+        "max_mean_word_length",
+        MeanWordLengthFilter,
+        "mean_word_length",
+        lambda n: (_mean_length_text([int(n)] * 10), _mean_length_text([int(n)] * 9 + [int(n) + 1])),
+    ),
+    Threshold(
+        "max_symbol_word_ratio",
+        SymbolWordRatioFilter,
+        "symbol_word_ratio",
+        lambda t: _at_most(t, lambda p, q: " ".join(["#tag"] * p + ["word"] * (q - p))),
+        side="hashes",
+    ),
+    Threshold(
+        "max_symbol_word_ratio",
+        SymbolWordRatioFilter,
+        "symbol_word_ratio",
+        lambda t: _at_most(t, lambda p, q: " ".join(["so...", "so…"][i % 2] for i in range(p)) + " word" * (q - p)),
+        side="ellipses",  # both spellings
+    ),
+    Threshold(
+        "min_alpha_words_frac",
+        AlphaWordsFilter,
+        "alpha_words_frac",
+        lambda t: _at_least(t, lambda p, q: " ".join(["word"] * p + ["1234"] * (q - p))),
+    ),
+    Threshold(
+        "min_stop_words",
+        StopWordsFilter,
+        "stop_words",
+        lambda n: (
+            " ".join(sorted(StopWordsFilter.STOP_WORDS)[:n] + ["word"]),
+            " ".join(sorted(StopWordsFilter.STOP_WORDS)[: n - 1] * 3 + ["word"]),
+        ),
+        side="distinct",  # a stop word said three times still counts once
+    ),
+    Threshold(
+        "max_bullet_lines_frac",
+        LineShareFilter,
+        "bullet_lines",
+        lambda t: _at_most(t, lambda p, q: "\n".join(["- an item"] * p + ["A plain line."] * (q - p))),
+    ),
+    Threshold(
+        "max_ellipsis_lines_frac",
+        LineShareFilter,
+        "ellipsis_lines",
+        lambda t: _at_most(t, lambda p, q: "\n".join(["and so on..."] * p + ["A plain line."] * (q - p))),
+    ),
+    _repetition(
+        "max_dup_line_frac",
+        lambda t: _at_most(t, lambda p, q: "\n".join([f"line {i}" for i in range(q - p)] + ["line 0"] * p)),
+        "dup_line_frac",
+    ),
+    _repetition("max_dup_line_char_frac", lambda t: _dup_char_lines(t, "\n"), "dup_line_char_frac"),
+    _repetition(
+        "max_dup_para_frac",
+        lambda t: _at_most(t, lambda p, q: "\n\n".join([f"para {i}" for i in range(q - p)] + ["para 0"] * p)),
+        "dup_para_frac",
+    ),
+    _repetition("max_dup_para_char_frac", lambda t: _dup_char_lines(t, "\n\n"), "dup_para_char_frac"),
+    Threshold(  # 0 (off) by default: only the web preset has a share to fall below
+        "min_line_punct_frac",
+        LinePunctuationFilter,
+        "line_punct_frac",
+        lambda t: _at_least(t, lambda p, q: "\n".join(["A sentence."] * p + ["A heading"] * (q - p))),
+        presets=("web",),
+    ),
+]
+THRESHOLD_CASES = [
+    pytest.param(case, preset, id="-".join(filter(None, (case.setting, case.side, preset))))
+    for case in THRESHOLDS
+    for preset in case.presets
+]
+
+
+def configured_filter(cfg: CleanConfig, case: Threshold):
+    """The one filter of build_filters(cfg) that the threshold belongs to."""
+    found = [
+        f
+        for f in build_filters(cfg)
+        if isinstance(f, case.filter_type) and getattr(f, "reason", case.reason) == case.reason
+    ]
+    assert len(found) == 1
+    return found[0]
+
+
+@pytest.mark.parametrize(("case", "preset"), THRESHOLD_CASES)
+def test_threshold_keeps_a_document_on_it_and_drops_one_just_past_it(case: Threshold, preset: str):
+    cfg = (CleanConfig.web if preset == "web" else CleanConfig)(**case.overrides)
+    threshold = getattr(cfg, case.setting)
+    on, past = case.texts(threshold)
+    doc_filter = configured_filter(cfg, case)
+    assert doc_filter.decide(on) is None, f"{case.setting}={threshold}: a document exactly on it was dropped"
+    assert doc_filter.decide(past) == case.reason, f"{case.setting}={threshold}: just past it, not dropped"
+
+
+def test_every_threshold_of_the_config_is_tested_on_its_edge():
+    thresholds = {name for name in CleanConfig.model_fields if name.startswith(("min_", "max_"))}
+    assert thresholds == {case.setting for case in THRESHOLDS}
 
 
 def test_first_failing_filter_names_the_reason():

@@ -24,9 +24,10 @@ from model.tokenizer import EOT, Tokenizer, train_char
 from model.train import read_metrics
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
-from tasks.finetune import STAGE, FinetuneConfig
+from tasks.finetune import STAGE, FinetuneConfig, finetune_pairs
 from tasks.pretrain import STAGE as PRETRAIN
 from tasks.pretrain import PretrainConfig
+from tasks.sample_data import default_corpus_documents
 
 WORDS = ["cat", "dog", "sun", "map", "pen", "cup", "box", "hat", "fig", "jam", "owl", "ray", "tip", "van", "web"]
 
@@ -116,6 +117,34 @@ def test_heldout_split_is_deterministic_disjoint_and_order_free() -> None:
     # A pair given twice lands on one side only.
     doubled_train, doubled_heldout = split_pairs(pairs + pairs, 0.2, seed=1)
     assert not {p["prompt"] for p in doubled_train} & {p["prompt"] for p in doubled_heldout}
+
+
+def test_pairs_that_carry_a_split_go_where_it_says_and_lose_the_field() -> None:
+    pairs = [{"prompt": f"p{i}", "response": f"r{i}", "split": "heldout" if i % 3 else "train"} for i in range(30)]
+    train, heldout = split_pairs(pairs, 0.0, seed=1)
+    assert [p["prompt"] for p in heldout] == [f"p{i}" for i in range(30) if i % 3]
+    assert [p["prompt"] for p in train] == [f"p{i}" for i in range(0, 30, 3)]
+    assert train[0] == {"prompt": "p0", "response": "r0"}  # heldout.jsonl keeps its two fields
+    # The fraction and the seed apply to pairs without a side of their own only.
+    assert split_pairs(pairs, 0.5, seed=7) == (train, heldout)
+    with pytest.raises(DataIntegrityError, match=r"'p0': split must be 'train' or 'heldout', got 'test'"):
+        split_pairs([{"prompt": "p0", "response": "r0", "split": "test"}], 0.1, seed=1)
+
+
+def test_default_heldout_pairs_never_occur_in_the_default_pretraining_corpus() -> None:
+    """Held-out answers found in the pretraining text would score memory, not what fine-tuning taught."""
+    cfg = FinetuneConfig()
+    train, heldout = split_pairs(finetune_pairs(cfg), cfg.heldout_fraction, cfg.seed)
+    documents = [text for _, text in default_corpus_documents()]  # all of it: train and val alike
+    corpus = "\0".join(documents)
+    collapsed = "\0".join(" ".join(text.split()) for text in documents)  # a response is one collapsed paragraph
+    leaked = [pair["prompt"] for pair in heldout if pair["response"] in corpus or pair["prompt"] in corpus]
+    assert leaked == []
+    assert [pair["prompt"] for pair in heldout if pair["response"] in collapsed] == []
+    assert not {pair["response"] for pair in heldout} & {pair["response"] for pair in train}
+    assert len(heldout) >= 200 and len(train) >= 10 * len(heldout)
+    # The check can see a leak: most training answers are in the corpus, as their docstrings are.
+    assert sum(pair["response"] in collapsed for pair in train) > len(train) / 2
 
 
 # -- bad data ------------------------------------------------------------------------------------------

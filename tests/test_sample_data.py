@@ -2,21 +2,31 @@
 
 import hashlib
 import io
+import json
 import lzma
 import os
 import re
+import subprocess
+import sys
 import tarfile
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from tasks.sample_data import (
     ARCHIVE_NAME,
+    CORPUS_MODULES,
+    HELDOUT_MODULE_FRACTION,
+    HELDOUT_MODULES,
     default_corpus_documents,
     default_finetune_pairs,
     ensure_sample_archive,
+    is_heldout_module,
     write_openwebtext_archive,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +95,71 @@ def test_finetune_pairs_pair_a_signature_with_the_first_paragraph_of_its_docstri
     prompts = [pair["prompt"] for pair in pairs]
     assert prompts == sorted(prompts) and len(set(prompts)) == len(prompts)
     for pair in pairs:
-        assert set(pair) == {"prompt", "response"}
+        assert set(pair) == {"prompt", "response", "split"}
+        assert pair["split"] in ("train", "heldout")
         assert 20 <= len(pair["response"]) <= 400
         assert pair["response"] == " ".join(pair["response"].split())  # one paragraph, whitespace collapsed
         assert " at 0x" not in pair["prompt"]
+
+
+def module_of(qualname: str) -> str:
+    """The corpus module a qualified name was found under: the longest one it starts with."""
+    return max((m for m in CORPUS_MODULES if qualname == m or qualname.startswith(m + ".")), key=len)
+
+
+def test_heldout_modules_are_the_seeded_fraction_of_the_corpus_modules():
+    assert HELDOUT_MODULES == tuple(m for m in CORPUS_MODULES if is_heldout_module(m))
+    share = len(HELDOUT_MODULES) / len(CORPUS_MODULES)
+    assert HELDOUT_MODULE_FRACTION / 2 < share < HELDOUT_MODULE_FRACTION * 2
+    # A hash of the name decides, not the position in the list.
+    assert HELDOUT_MODULES != CORPUS_MODULES[: len(HELDOUT_MODULES)]
+
+
+def test_heldout_modules_give_the_heldout_pairs_and_no_documents(corpus, pairs):
+    held = set(HELDOUT_MODULES)
+    documented = {module_of(name.split("/", 1)[1]) for name, _ in corpus if not name.startswith("topic/")}
+    assert not documented & held
+    assert len(documented) > 150  # every other module still feeds the corpus
+    heldout = [pair for pair in pairs if pair["split"] == "heldout"]
+    assert {module_of(pair["prompt"].split("(", 1)[0]) in held for pair in heldout} == {True}
+    train = [pair for pair in pairs if pair["split"] == "train"]
+    assert {module_of(pair["prompt"].split("(", 1)[0]) in held for pair in train} == {False}
+    # Enough to score: a few hundred answers from many modules.
+    assert len(heldout) >= 200
+    assert len({module_of(pair["prompt"].split("(", 1)[0]) for pair in heldout}) >= 15
+
+
+@pytest.mark.slow
+def test_corpus_and_pairs_are_the_same_bytes_whatever_path_starts_the_interpreter(tmp_path):
+    """The interpreter's own path, HOME, TMPDIR and the current folder must not reach the archive or the pairs:
+    `platform.architecture(executable=sys.executable)` would otherwise print the path it was started through."""
+    link = tmp_path / "other" / "bin" / "python"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(sys.executable)
+    script = (
+        "import json, sys; from pathlib import Path; "
+        "from tasks.sample_data import default_finetune_pairs, ensure_sample_archive; "
+        "ensure_sample_archive(Path(sys.argv[1])); "
+        "Path(sys.argv[2]).write_text(json.dumps(default_finetune_pairs()))"
+    )
+    runs = []
+    for name, interpreter in (("one", sys.executable), ("two", str(link))):
+        home = tmp_path / name
+        (home / "tmp").mkdir(parents=True)
+        env = {**os.environ, "HOME": str(home), "TMPDIR": str(home / "tmp"), "PYTHONPATH": str(REPO)}
+        command = [interpreter, "-c", script, str(home / "corpus"), str(home / "pairs.json")]
+        runs.append((home, subprocess.Popen(command, cwd=home, env=env, stderr=subprocess.PIPE, text=True)))
+    for _, process in runs:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+    (one, _), (two, _) = runs
+    archive = one / "corpus" / ARCHIVE_NAME
+    assert archive.read_bytes() == (two / "corpus" / ARCHIVE_NAME).read_bytes()
+    assert (one / "pairs.json").read_bytes() == (two / "pairs.json").read_bytes()
+    signature = "platform.architecture(executable=..., bits='', linkage='')"
+    packed = [data.decode("utf-8") for members in read_layout(archive).values() if members for _, data in members]
+    assert any(text.startswith(signature) for text in packed)
+    assert signature in {pair["prompt"] for pair in json.loads((one / "pairs.json").read_text())}
 
 
 def test_archive_has_the_real_openwebtext_layout(tmp_path):
@@ -132,6 +203,7 @@ def test_archive_rejects_bad_grouping_with_every_problem_named(tmp_path):
     assert not (tmp_path / ARCHIVE_NAME).exists()
 
 
+@pytest.mark.slow
 def test_sample_archive_is_written_once_and_then_left_untouched(tmp_path, corpus):
     path = ensure_sample_archive(tmp_path / "sample")
     assert path == (tmp_path / "sample" / ARCHIVE_NAME).resolve()
