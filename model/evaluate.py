@@ -1,19 +1,28 @@
 """Deterministic evaluation numbers: next-token loss, perplexity, bits per byte, a unigram baseline.
 
-Every number here is a function of the model and the token files alone (no sampling), so two evaluations
-of the same model on the same tokens agree to the last digit on the same device.
+Every number here is a function of the model, the token files and the tokenizer alone (no sampling), so
+two evaluations of the same model on the same tokens agree to the last digit on the same device.
+
+What is scored: the first `max_tokens` tokens of a split are read, and every one of them but the first is a
+target (`scored_targets`). Losses are means over those targets; bits per byte divides their summed loss by
+the UTF-8 bytes those very targets decode to (`target_bytes`).
 """
 
+import json
 import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tokenizers import pre_tokenizers
 
+from model.tokenizer import Tokenizer
 from storage.errors import DataIntegrityError
 
 _COUNT_CHUNK = 1 << 24  # tokens per bincount call: bounded memory however large train.bin is
+# Byte-level BPE (GPT-2's scheme) writes each byte of a token as one of these 256 characters.
+_BYTE_LEVEL_ALPHABET = frozenset(pre_tokenizers.ByteLevel.alphabet())
 
 
 def eval_windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
@@ -28,6 +37,19 @@ def eval_windows(n_tokens: int, block_size: int) -> list[tuple[int, int]]:
     return [(start, min(block_size, targets - start)) for start in range(0, max(targets, 0), block_size)]
 
 
+def tokens_read(tokens: np.ndarray, max_tokens: int | None) -> int:
+    """How many tokens an evaluation of `max_tokens` (all when None) reads: the first ones of the split."""
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+    if n < 2:
+        raise DataIntegrityError(f"evaluation needs at least 2 tokens, got {n}")
+    return n
+
+
+def scored_targets(tokens: np.ndarray, max_tokens: int | None) -> np.ndarray:
+    """The tokens whose prediction is scored: all that are read but the first (nothing predicts it)."""
+    return tokens[1 : tokens_read(tokens, max_tokens)]
+
+
 @torch.no_grad()
 def eval_loss(
     model: nn.Module,
@@ -37,16 +59,15 @@ def eval_loss(
     max_tokens: int | None,
     device: str | torch.device = "cpu",
 ) -> float:
-    """Mean next-token cross-entropy (nats) over the first `max_tokens` tokens (all when None).
+    """Mean next-token cross-entropy (nats) over `scored_targets(tokens, max_tokens)`: the first
+    `max_tokens` tokens (all when None) are read, and the n - 1 after the first are predicted.
 
     The tokens are cut into fixed non-overlapping windows of `block_size`; the mean is over tokens, not
     windows, so a short last window weighs what its tokens weigh.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
-    if n < 2:
-        raise DataIntegrityError(f"evaluation needs at least 2 tokens, got {n}")
+    n = tokens_read(tokens, max_tokens)
     data = torch.from_numpy(np.asarray(tokens[:n], dtype=np.int64))  # (n,)
     was_training = model.training
     model.eval()
@@ -77,17 +98,57 @@ def perplexity(loss: float) -> float:
 
 
 def bits_per_byte(loss: float, n_tokens: int, n_bytes: int) -> float:
-    """Convert a per-token loss in nats to bits per byte of the original UTF-8 text.
+    """Convert a mean per-token loss in nats over `n_tokens` scored targets to bits per byte of the UTF-8
+    text those very targets decode to (`n_bytes`, from `target_bytes`).
 
     A loss per token depends on the tokenizer (a BPE token covers several bytes, a character one or a few),
-    so it cannot compare models with different vocabularies. The text's information is the same whatever
-    the tokenizer: total bits = loss / ln 2 per token * number of tokens, and dividing by the number of
-    bytes those tokens encode gives bits per byte. Multiplying by tokens/bytes turns "per token" into
-    "per byte"; with the corpus' counts, it uses the average bytes per token of that split.
+    so it cannot compare models with different vocabularies; the text's information does not: the summed
+    loss, loss * n_tokens nats, is loss * n_tokens / ln 2 bits, spread over n_bytes bytes. Both counts must
+    describe the same tokens: a split-wide bytes-per-token ratio applied to a prefix of the split, or one
+    that counts end-of-text tokens on one side only, gives another number.
     """
     if n_tokens <= 0 or n_bytes <= 0:
         raise DataIntegrityError(f"bits per byte needs positive token and byte counts, got {n_tokens} and {n_bytes}")
-    return loss / math.log(2) * (n_tokens / n_bytes)
+    return loss * n_tokens / math.log(2) / n_bytes
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each id decodes to (int64, length vocab_size); <|endoftext|> decodes to 0 bytes.
+
+    End-of-text is a separator the token files insert after each document, not text: it counts 0 bytes, as
+    in meta.json's byte counts, while its prediction (where a document ends) still counts in the loss.
+    Byte-level BPE: a token's vocabulary string has one character per byte, so its length is its bytes;
+    a token that ends inside a multi-byte character still counts the bytes it holds. Char tokenizer: each
+    character's UTF-8 length; the unknown id counts the 3 bytes of the U+FFFD it decodes to, which the
+    character it replaced may not have had.
+    """
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    if tokenizer.kind == "char":
+        for i in range(tokenizer.vocab_size):
+            # surrogatepass: a lone surrogate in the training text is a character of the vocabulary too
+            lengths[i] = len(tokenizer.decode([i]).encode("utf-8", errors="surrogatepass"))
+    elif tokenizer.kind == "bpe":
+        data = json.loads(tokenizer.to_json())
+        decoder = (data.get("decoder") or {}).get("type")
+        if decoder != "ByteLevel":
+            raise DataIntegrityError(f"BPE tokenizer: decoder {decoder!r} is not ByteLevel, so its bytes are unknown")
+        for token, i in data["model"]["vocab"].items():
+            if not set(token) <= _BYTE_LEVEL_ALPHABET:
+                raise DataIntegrityError(f"BPE tokenizer: token {token!r} (id {i}) is not byte-level")
+            lengths[i] = len(token)
+        for added in data.get("added_tokens", []):
+            # Special tokens (end-of-text) are not text; other added tokens decode to their content as is.
+            lengths[added["id"]] = 0 if added.get("special") else len(added["content"].encode("utf-8"))
+    else:
+        raise DataIntegrityError(f"no byte lengths for a {tokenizer.kind!r} tokenizer")
+    lengths[tokenizer.eot_id] = 0
+    return lengths
+
+
+def target_bytes(tokens: np.ndarray, max_tokens: int | None, byte_lengths: np.ndarray) -> int:
+    """UTF-8 bytes of the targets `eval_loss` scores on the first `max_tokens` tokens (`token_byte_lengths`)."""
+    counts = token_counts(scored_targets(tokens, max_tokens), len(byte_lengths))
+    return int(counts @ byte_lengths)
 
 
 def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -107,11 +168,8 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
     The baseline a language model must beat clearly: it knows how common each token is and nothing of
     context. Add-one (Laplace) smoothing gives ids unseen in training a finite loss.
     """
-    n = len(val_tokens) if max_tokens is None else min(len(val_tokens), max_tokens)
-    if n < 2:
-        raise DataIntegrityError(f"evaluation needs at least 2 tokens, got {n}")
+    # The same targets as eval_loss: every evaluated token but the first.
+    targets = token_counts(scored_targets(val_tokens, max_tokens), vocab_size)
     counts = token_counts(train_tokens, vocab_size).astype(np.float64) + 1.0
     log_probs = np.log(counts) - np.log(counts.sum())  # (vocab,)
-    # The same targets as eval_loss: every evaluated token but the first.
-    targets = token_counts(val_tokens[1:n], vocab_size)
-    return float(-(targets * log_probs).sum() / (n - 1))
+    return float(-(targets * log_probs).sum() / targets.sum())

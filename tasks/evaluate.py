@@ -3,6 +3,18 @@
 Output (contract): `report.json` (`models` -> pretrain / finetune / quantized, each with val_loss,
 perplexity, bits_per_byte, heldout_loss and its store version; the unigram baseline; the champion and why;
 samples), `report.md` (the same as a table, and the samples), `val_loss.png` and `curves.png`.
+
+What the numbers are:
+- `val_loss`: mean next-token cross-entropy (nats per token) on the first `eval_tokens` validation tokens,
+  every one of them but the first predicted (`scored_tokens` = eval_tokens - 1 targets);
+  `perplexity` = exp(val_loss); `gain_over_unigram` = unigram_val_loss - val_loss, nats per token.
+- `bits_per_byte`: the scored targets' summed loss / ln 2 / `scored_bytes`, the UTF-8 bytes those very
+  targets decode to with the tokens' tokenizer. <|endoftext|> targets count 0 bytes (they are separators,
+  as in meta.json's byte counts) while their loss, knowing where a document ends, still counts.
+- the unigram baseline (`unigram_val_loss`, `unigram_perplexity`, `unigram_bits_per_byte`): the same
+  targets and bytes, scored by add-one-smoothed training-token frequencies.
+- `heldout_loss`: mean loss per response token of the held-out fine-tuning pairs; `heldout_pairs` is how
+  many of the pairs read (`heldout_pairs_read`) have a response token within the context and were scored.
 """
 
 from collections.abc import Callable
@@ -14,9 +26,18 @@ import torch
 from matplotlib.figure import Figure
 from pydantic import Field, model_validator
 
-from model.checkpoint import load_model
-from model.evaluate import bits_per_byte, eval_loss, perplexity, unigram_loss
-from model.finetune import read_pairs, response_loss
+from model.checkpoint import load_config, load_model
+from model.evaluate import (
+    bits_per_byte,
+    eval_loss,
+    perplexity,
+    scored_targets,
+    target_bytes,
+    token_byte_lengths,
+    tokens_read,
+    unigram_loss,
+)
+from model.finetune import encode_pairs, read_pairs, response_loss
 from model.gpt import GPT
 from model.quantize import load_quantized
 from model.tokenizer import Tokenizer
@@ -46,8 +67,9 @@ class EvaluateConfig(StageConfig):
         65_536,
         ge=2,
         le=1_000_000_000,
-        description="Validation tokens scored (the first ones, in fixed non-overlapping windows); 64K is "
-        "~1,000 windows of the tiny preset's 64-token context, seconds per model on 2 CPU cores.",
+        description="Validation tokens read (the first ones, in fixed non-overlapping windows); each but the "
+        "first is a scored target. 64K is 512 windows of the tiny preset's 128-token context, seconds per model "
+        "on 2 CPU cores.",
     )
     batch_size: int = Field(16, ge=1, le=4096, description="Windows (or held-out pairs) per forward pass.")
     heldout_pairs: int = Field(
@@ -94,14 +116,23 @@ def read_heldout(path: Path, limit: int) -> list[dict[str, str]]:
     return read_pairs(path, allow_empty=True)[:limit] if path.is_file() else []
 
 
-def byte_counts(meta: dict[str, Any], tokens_dir: Path) -> tuple[int, int]:
-    """(val_tokens, val_bytes) from meta.json: what converts a per-token loss into bits per byte."""
-    n_tokens, n_bytes = meta.get("val_tokens"), meta.get("val_bytes")
-    if not isinstance(n_tokens, int) or not isinstance(n_bytes, int) or n_tokens <= 0 or n_bytes <= 0:
-        raise DataIntegrityError(
-            f"{tokens_dir / META}: needs positive val_tokens and val_bytes, got {n_tokens!r} and {n_bytes!r}"
-        )
-    return n_tokens, n_bytes
+def scored_counts(
+    val: np.ndarray, tokenizer: Tokenizer, eval_tokens: int, *, val_file: Path, tokenizer_file: Path
+) -> tuple[int, int]:
+    """(targets, bytes) of what is scored: the targets among the first `eval_tokens` validation tokens and
+    the UTF-8 bytes they decode to with the tokenizer (end-of-text: 0), which turn their loss into bits per
+    byte. Counted on the scored tokens themselves, so they hold for any eval_tokens, whole split or not."""
+    try:
+        lengths = token_byte_lengths(tokenizer)
+    except DataIntegrityError as exc:
+        raise DataIntegrityError(f"{tokenizer_file}: {exc}") from exc
+    try:
+        n_targets, n_bytes = len(scored_targets(val, eval_tokens)), target_bytes(val, eval_tokens, lengths)
+    except DataIntegrityError as exc:
+        raise DataIntegrityError(f"{val_file}: {exc} ({tokenizer_file})") from exc
+    if n_bytes == 0:
+        raise DataIntegrityError(f"{val_file}: the {n_targets} scored tokens decode to 0 bytes (end-of-text only?)")
+    return n_targets, n_bytes
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
@@ -139,6 +170,7 @@ def score_model(
     cfg: EvaluateConfig,
     device: torch.device,
 ) -> dict[str, Any]:
+    """val_loss, perplexity, bits_per_byte (with `counts` = (scored targets, their bytes)) and heldout_loss."""
     block = model.config.block_size
     loss = eval_loss(model, val, block, cfg.batch_size, cfg.eval_tokens, device)
     heldout_loss = response_loss(model, tokenizer, heldout, block, cfg.batch_size, device) if heldout else None
@@ -168,11 +200,14 @@ def _fmt(value: float | None) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
+    unscored = report["heldout_pairs_read"] - report["heldout_pairs"]
     lines = [
         "# Evaluation",
         "",
         f"Scored on the first {report['eval_tokens']:,} validation tokens of tokens/{report['tokens_version']} "
-        f"and {report['heldout_pairs']} held-out fine-tuning pairs.",
+        f"({report['scored_tokens']:,} predicted targets, {report['scored_bytes']:,} bytes of text; end-of-text "
+        f"counts 0 bytes) and {report['heldout_pairs']} held-out fine-tuning pairs"
+        + (f" ({unscored} more have no response token within the context)." if unscored else "."),
         "",
         "| model | version | val loss | perplexity | bits/byte | held-out loss |",
         "|---|---|---:|---:|---:|---:|",
@@ -185,7 +220,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     lines.append(
         f"| unigram baseline | - | {_fmt(report['unigram_val_loss'])} | "
-        f"{perplexity(report['unigram_val_loss']):.2f} | {_fmt(report['unigram_bits_per_byte'])} | - |"
+        f"{report['unigram_perplexity']:.2f} | {_fmt(report['unigram_bits_per_byte'])} | - |"
     )
     lines += ["", f"Champion: **{report['champion']}** ({report['champion_reason']}).", "", "## Samples", ""]
     sampling = report["sampling"]
@@ -263,10 +298,15 @@ def build(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
             f"{tokens_dir / META}: tokens were made with tokenizer/{meta['tokenizer_version']}, "
             f"not the tokenizer/{ctx.inputs['tokenizer']} given to evaluate"
         )
-    counts = byte_counts(meta, tokens_dir)
     val = open_tokens(tokens_dir, "val")
-    tokenizer = Tokenizer.load(ctx.input_path("tokenizer") / "tokenizer.json")
+    tokenizer_file = ctx.input_path("tokenizer") / "tokenizer.json"
+    tokenizer = Tokenizer.load(tokenizer_file)
+    counts = scored_counts(
+        val, tokenizer, cfg.eval_tokens, val_file=tokens_dir / "val.bin", tokenizer_file=tokenizer_file
+    )
     heldout = read_heldout(ctx.input_path("finetune") / HELDOUT, cfg.heldout_pairs)
+    # The three models share one config (finetune and quantize copy their input's), so one context length.
+    scored_pairs = len(encode_pairs(tokenizer, heldout, load_config(ctx.input_path("pretrain")).block_size)[0])
     if cfg.champion_metric == "heldout_loss" and not heldout:
         raise DataIntegrityError(
             f"{ctx.input_path('finetune') / HELDOUT}: no held-out pairs, so champion_metric 'heldout_loss' "
@@ -307,6 +347,7 @@ def build(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
     report = {
         "models": models,
         "unigram_val_loss": unigram,
+        "unigram_perplexity": perplexity(unigram),
         "unigram_bits_per_byte": bits_per_byte(unigram, *counts),
         "champion": champion,
         "champion_version": models[champion]["version"],
@@ -314,8 +355,11 @@ def build(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
         "champion_reason": reason,
         "samples": samples,
         "sampling": {k: getattr(cfg, k) for k in ("temperature", "top_k", "max_new_tokens", "seed")},
-        "eval_tokens": min(len(val), cfg.eval_tokens),
-        "heldout_pairs": len(heldout),
+        "eval_tokens": tokens_read(val, cfg.eval_tokens),
+        "scored_tokens": counts[0],
+        "scored_bytes": counts[1],
+        "heldout_pairs": scored_pairs,
+        "heldout_pairs_read": len(heldout),
         "tokens_version": ctx.inputs["tokens"],
     }
     atomic_write_json(ctx.out / REPORT_JSON, report)
@@ -330,6 +374,8 @@ def build(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
         unigram_val_loss=unigram,
         unigram_bits_per_byte=report["unigram_bits_per_byte"],
         eval_tokens=report["eval_tokens"],
+        scored_tokens=report["scored_tokens"],
+        scored_bytes=report["scored_bytes"],
     )
     return metrics
 
@@ -340,5 +386,8 @@ STAGE = Stage(
     config=EvaluateConfig,
     build=build,
     inputs=("tokens", "tokenizer", "pretrain", "finetune", "quantize"),
+    libraries=("torch", "numpy", "tokenizers"),
+    # Losses computed on a GPU differ from a CPU's in the last digits: another device, another version.
+    environment=lambda cfg: {"device": resolve(cfg.device).type},
 )
 evaluate_task = stage_task(STAGE)

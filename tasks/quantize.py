@@ -3,6 +3,9 @@
 Output: `model_int8.pt` (or `model_int4.pt`, see model/quantize.py for the layout), `model_config.json`,
 and `quantize_report.json`: file sizes, validation loss before and after on the same windows, and CPU
 forward latency before and after.
+
+Quality gate: when the stored weights raise the validation loss by more than `max_loss_increase` nats per
+token, the stage fails with a QualityError and publishes nothing, so no later stage serves a broken model.
 """
 
 from pathlib import Path
@@ -12,7 +15,7 @@ import torch
 from pydantic import Field
 
 from model.checkpoint import WEIGHTS, load_model
-from model.evaluate import eval_loss
+from model.evaluate import eval_loss, scored_targets, tokens_read
 from model.quantize import (
     forward_latencies_ms,
     load_quantized,
@@ -20,12 +23,18 @@ from model.quantize import (
     save_quantized,
     to_dynamic_int8,
 )
-from storage.errors import DataIntegrityError
+from storage.errors import DataIntegrityError, QualityError
 from storage.store import atomic_write_json
 from storage.tokens import open_tokens, read_meta
 from tasks.stage import Stage, StageConfig, StageContext, stage_task
 
 REPORT = "quantize_report.json"
+# The bound on the loss increase when max_loss_increase is unset, per bit width (nats per token). Measured
+# on the tiny preset's fine-tuned model (4 layers, 128 wide, BPE 2k, val loss 4.70 on 32K validation
+# tokens; benchmarks/quantize_bench.py --store): int8 +0.0000, int4 in groups of 32/64/128 +0.008/+0.007/
+# +0.007, zeroed weights +2.92. The bounds leave room for larger models and other data (int4's error grows
+# with the weights' outliers) and stay far below what a broken quantization costs.
+DEFAULT_MAX_LOSS_INCREASE = {8: 0.05, 4: 0.15}
 
 
 class QuantizeConfig(StageConfig):
@@ -47,11 +56,33 @@ class QuantizeConfig(StageConfig):
         65_536,
         ge=2,
         le=1_000_000_000,
-        description="Validation tokens the loss change is measured on (the first ones, in fixed windows); "
-        "64K scores ~1,000 windows of the tiny preset's 64-token context in seconds on 2 CPU cores.",
+        description="Validation tokens read to measure the loss change (the first ones, in fixed windows; each "
+        "but the first is a scored target); 64K is 512 windows of the tiny preset's 128-token context, seconds "
+        "on 2 CPU cores.",
+    )
+    max_loss_increase: float | None = Field(
+        None,
+        ge=0.0,
+        description="Fail when the stored weights' validation loss exceeds the float model's by more than this "
+        "(nats per token). None: 0.05 for int8, 0.15 for int4, far above what the tiny preset's model loses "
+        "(int8 +0.0000, int4 +0.008) and far below what zeroed weights cost it (+2.9).",
     )
     batch_size: int = Field(16, ge=1, le=4096, description="Windows per forward pass while measuring the loss.")
     latency_runs: int = Field(7, ge=1, le=1000, description="Timed forward passes per model; the median is reported.")
+
+    def loss_bound(self) -> float:
+        """The largest loss increase (nats per token) the stage accepts: max_loss_increase or its default."""
+        return DEFAULT_MAX_LOSS_INCREASE[self.bits] if self.max_loss_increase is None else self.max_loss_increase
+
+
+def check_loss_increase(where: str, cfg: QuantizeConfig, loss_fp32: float, loss_quantized: float) -> None:
+    """QualityError when the quantized loss exceeds the float one by more than the bound (or is not a number)."""
+    delta, bound = loss_quantized - loss_fp32, cfg.loss_bound()
+    if not delta <= bound:  # written so that a NaN loss fails too
+        raise QualityError(
+            f"{where}: int{cfg.bits} weights raise the validation loss from {loss_fp32:.4f} to {loss_quantized:.4f} "
+            f"nats/token ({delta:+.4f}), more than max_loss_increase {bound}"
+        )
 
 
 def quantize_model(ctx: StageContext, cfg: QuantizeConfig, source: Path) -> dict[str, Any]:
@@ -70,9 +101,10 @@ def quantize_model(ctx: StageContext, cfg: QuantizeConfig, source: Path) -> dict
     quantized = load_quantized(ctx.out, "cpu")  # exactly what a reader of the file gets
 
     block = model.config.block_size
-    ctx.log.info("measuring the validation loss on %d tokens", min(len(val), cfg.eval_tokens))
+    ctx.log.info("measuring the validation loss on %d tokens", tokens_read(val, cfg.eval_tokens))
     loss_fp32 = eval_loss(model, val, block, cfg.batch_size, cfg.eval_tokens, "cpu")
     loss_quantized = eval_loss(quantized, val, block, cfg.batch_size, cfg.eval_tokens, "cpu")
+    check_loss_increase(f"quantize/{ctx.version} of finetune/{ctx.inputs['finetune']}", cfg, loss_fp32, loss_quantized)
 
     idx = torch.as_tensor(val[: min(len(val), block)].astype("int64"))[None, :]  # (1, T): one full context
     report: dict[str, Any] = {
@@ -82,10 +114,12 @@ def quantize_model(ctx: StageContext, cfg: QuantizeConfig, source: Path) -> dict
         "fp32_file_bytes": (source / WEIGHTS).stat().st_size,
         "quantized_file": weights.name,
         "quantized_file_bytes": weights.stat().st_size,
-        "eval_tokens": min(len(val), cfg.eval_tokens),
+        "eval_tokens": tokens_read(val, cfg.eval_tokens),
+        "scored_tokens": len(scored_targets(val, cfg.eval_tokens)),
         "val_loss_fp32": loss_fp32,
         "val_loss_quantized": loss_quantized,
         "val_loss_delta": loss_quantized - loss_fp32,
+        "max_loss_increase": cfg.loss_bound(),
     }
     report["size_ratio"] = report["fp32_file_bytes"] / report["quantized_file_bytes"]
     if cfg.bits == 8:
@@ -121,5 +155,13 @@ def build(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
     return report
 
 
-STAGE = Stage(name="quantize", module=__name__, config=QuantizeConfig, build=build, inputs=("finetune", "tokens"))
+STAGE = Stage(
+    name="quantize",
+    module=__name__,
+    config=QuantizeConfig,
+    build=build,
+    inputs=("finetune", "tokens"),
+    libraries=("torch", "numpy"),
+    records=(REPORT,),  # holds CPU timings besides the losses; the weights are what the stage makes
+)
 quantize_task = stage_task(STAGE)

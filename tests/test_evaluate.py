@@ -9,19 +9,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import ValidationError
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models
 
 from model.checkpoint import save_model
-from model.evaluate import bits_per_byte, eval_loss, eval_windows, unigram_loss
+from model.evaluate import bits_per_byte, eval_loss, eval_windows, target_bytes, token_byte_lengths, unigram_loss
 from model.gpt import GPT, GPTConfig
-from model.tokenizer import train_char
+from model.tokenizer import EOT, BPETokenizer, Tokenizer, train_bpe, train_char
 from storage.errors import DataIntegrityError
 from storage.store import Store
+from storage.tokens import open_tokens, read_meta
+from tasks import tokenizer as tokenizer_stage
+from tasks import tokens as tokens_stage
 from tasks.evaluate import REPORT_JSON, REPORT_MD, EvaluateConfig, choose_champion
 from tasks.evaluate import STAGE as EVALUATE
 from tasks.quantize import STAGE as QUANTIZE
 from tasks.quantize import QuantizeConfig
+from tasks.split import SplitConfig
 
 TEXT = "the cat sat on the mat. a dog ran to the cat. "
+# Characters of 1, 2, 3 and 4 UTF-8 bytes: a char tokenizer over them has ids of four byte lengths.
+WIDE = "aé€😀"
 HELDOUT = [{"prompt": "the cat", "response": " sat on the mat."}, {"prompt": "a dog", "response": " ran to the cat."}]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -88,6 +96,47 @@ def test_bits_per_byte_converts_per_token_nats() -> None:
         bits_per_byte(1.0, 10, 0)
 
 
+def test_char_ids_count_their_utf8_bytes_and_end_of_text_none() -> None:
+    tokenizer = train_char([WIDE])  # ids: a, é, €, 😀, then <|endoftext|> and the unknown id
+    assert token_byte_lengths(tokenizer).tolist() == [1, 2, 3, 4, 0, 3]  # unknown: the U+FFFD it decodes to
+
+
+def test_bpe_ids_count_the_bytes_they_decode_to() -> None:
+    texts = ["naïve café, 東京 and 🐍 snakes. ", "the cat sat on the mat. "]
+    tokenizer = train_bpe([t * 20 for t in texts], vocab_size=300)
+    lengths = token_byte_lengths(tokenizer)
+    assert lengths[tokenizer.eot_id] == 0
+    for text in [*texts, "ünseen wörds 日本 ☃"]:  # merged tokens, and raw bytes of unseen characters
+        ids = tokenizer.encode(text)
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert lengths.max() > 4  # merges span several bytes: a token is not a byte
+
+
+def test_a_bpe_that_is_not_byte_level_has_no_byte_lengths() -> None:
+    backend = HFTokenizer(models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+    backend.add_special_tokens([EOT])
+    with pytest.raises(DataIntegrityError, match="decoder None is not ByteLevel"):
+        token_byte_lengths(BPETokenizer(backend))
+
+
+def test_bits_per_byte_of_a_hand_computed_example() -> None:
+    """Targets of 2, 3, 0 (end of text), 4 and 1 bytes: bits per byte is their summed loss in bits over 10."""
+    tokenizer = train_char([WIDE])
+    a, e, euro, face, eot = range(5)
+    tokens = np.array([a, e, euro, eot, face, a, e], dtype=np.uint16)
+    model = BigramTable(tokenizer.vocab_size)
+    log_probs = F.log_softmax(model.table.detach().double(), dim=-1).numpy()
+    lengths = token_byte_lengths(tokenizer)
+
+    for read, n_bytes in ((6, 2 + 3 + 0 + 4 + 1), (3, 2 + 3)):  # all but the last token; the first three
+        targets = tokens[1:read]
+        nats = -sum(log_probs[x, y] for x, y in zip(tokens[: read - 1], targets, strict=True))
+        assert target_bytes(tokens, read, lengths) == n_bytes
+        loss = eval_loss(model, tokens, 4, 2, read)
+        assert loss == pytest.approx(nats / len(targets), rel=1e-6)
+        assert bits_per_byte(loss, len(targets), n_bytes) == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-6)
+
+
 def test_champion_is_the_lowest_value_of_the_chosen_metric() -> None:
     models = {
         "pretrain": {"val_loss": 1.5, "heldout_loss": 2.0},
@@ -103,37 +152,33 @@ def test_champion_is_the_lowest_value_of_the_chosen_metric() -> None:
 
 
 def train_tiny(tokens: np.ndarray, vocab_size: int, steps: int) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    data = torch.as_tensor(tokens.astype(np.int64))
-    for _ in range(steps):
-        starts = torch.randint(0, len(data) - 65, (8,))
-        x = torch.stack([data[s : s + 64] for s in starts])  # (B, T)
-        y = torch.stack([data[s + 1 : s + 65] for s in starts])  # (B, T)
-        _, loss = model(x, y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return builders.train_gpt(tokens, vocab_size, steps=steps, block_size=64, batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[GPT, GPT]:
+def trained(one_torch_thread: None) -> tuple[GPT, GPT]:
     tokenizer = train_char([TEXT])
     tokens = np.array(tokenizer.encode(TEXT * 20), dtype=np.uint16)
     return train_tiny(tokens, tokenizer.vocab_size, steps=120), train_tiny(tokens, tokenizer.vocab_size, steps=0)
 
 
 def publish_inputs(
-    root: Path, pretrained: GPT, finetuned: GPT, meta_changes: dict | None = None, heldout: list | None = None
+    root: Path,
+    pretrained: GPT,
+    finetuned: GPT,
+    meta_changes: dict | None = None,
+    heldout: list | None = None,
+    tokenizer: Tokenizer | None = None,
+    val: list[int] | None = None,
 ) -> dict[str, str]:
+    """A store with every input of evaluate; by default a char tokenizer of TEXT, and TEXT as the tokens."""
     store = Store(root)
-    tokenizer = train_char([TEXT])
+    tokenizer = tokenizer or train_char([TEXT])
     store.publish("tokenizer", "tk", lambda out: tokenizer.save(out / "tokenizer.json"), **_fake("t"))
 
-    train, val = tokenizer.encode(TEXT * 30), tokenizer.encode(TEXT * 6)
-    meta = {"tokenizer_version": "tk", "train_docs": 30, "val_docs": 6, "tokenizer_kind": "char"}
+    train = tokenizer.encode(TEXT * 30)
+    val = tokenizer.encode(TEXT * 6) if val is None else val
+    meta = {"tokenizer_version": "tk", "train_docs": 30, "val_docs": 6}
     builders.publish_tokens(
         root,
         train,
@@ -142,6 +187,7 @@ def publish_inputs(
         eot_token=tokenizer.eot_id,
         version="tok",
         inputs={"tokenizer": "tk"},
+        tokenizer=tokenizer,
         **{**meta, **(meta_changes or {})},
     )
 
@@ -191,7 +237,10 @@ def test_evaluate_stage_reports_every_model_and_the_champion(tmp_path: Path, tra
     assert report["champion"] == "pretrain" and report["champion_version"] == "pre"
     assert "lowest val_loss" in report["champion_reason"]
     assert report["models"]["quantized"]["val_loss"] == pytest.approx(finetune["val_loss"], abs=0.01)
-    assert report["eval_tokens"] == len(TEXT) * 6
+    assert report["eval_tokens"] == len(TEXT) * 6 and report["scored_tokens"] == len(TEXT) * 6 - 1
+    assert report["unigram_perplexity"] == pytest.approx(math.exp(report["unigram_val_loss"]))
+    for name, entry in report["models"].items():
+        assert entry["gain_over_unigram"] == pytest.approx(report["unigram_val_loss"] - entry["val_loss"]), name
     assert {(s["model"], s["prompt"]) for s in report["samples"]} == {
         (m, p) for m in ("pretrain", "finetune", "quantized") for p in ("the ", "a do")
     }
@@ -224,9 +273,72 @@ def test_champion_by_heldout_loss_needs_heldout_pairs(tmp_path: Path, trained: t
     assert report["models"]["finetune"]["heldout_loss"] is None and report["heldout_pairs"] == 0
 
 
-def test_evaluate_rejects_token_counts_it_cannot_convert(tmp_path: Path, trained: tuple[GPT, GPT]) -> None:
-    inputs = publish_inputs(tmp_path / "store", *trained, meta_changes={"val_bytes": 0})
-    with pytest.raises(DataIntegrityError, match="meta.json: needs positive val_tokens and val_bytes"):
+def untrained(vocab_size: int, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+def test_bits_per_byte_is_over_the_bytes_of_the_scored_tokens(tmp_path: Path) -> None:
+    """A BPE split whose first document has ~3 bytes per token and whose second has ~1 (characters the
+    tokenizer never merged), scored on the first document only: the split's bytes per token would be wrong
+    for it, and a count of tokens taken for bytes (or the other way round) is off by 3x."""
+    tokenizer = train_bpe([TEXT * 30], vocab_size=300)
+    wordy, raw = TEXT * 3, "the ünïcödé 日本語 ☃ ∑ 🐍 ∂ ∫ ß ø"
+    ids_wordy, ids_raw = tokenizer.encode(wordy), tokenizer.encode(raw)
+    assert ids_wordy[0] == ids_raw[0]  # both start with "the"
+    val = [*ids_wordy, tokenizer.eot_id, *ids_raw, tokenizer.eot_id]
+    models = untrained(tokenizer.vocab_size, 0), untrained(tokenizer.vocab_size, 1)
+    inputs = publish_inputs(tmp_path / "store", *models, tokenizer=tokenizer, val=val)
+    # Read the first document, its end-of-text and the second's first token ("the"): the targets are the
+    # first document's tokens but its first, the end-of-text (0 bytes) and "the", as many bytes as `wordy`.
+    eval_tokens = len(ids_wordy) + 2
+    ref = EVALUATE.run(tmp_path / "store", small_cfg(eval_tokens=eval_tokens), inputs)
+    report = json.loads((Store(tmp_path / "store").path("evaluate", ref.version) / REPORT_JSON).read_text())
+
+    n_targets, n_bytes = len(ids_wordy) + 1, len(wordy.encode())
+    assert n_bytes / n_targets > 2.5  # BPE tokens of several bytes: a swap would be visible
+    meta = read_meta(Store(tmp_path / "store").path("tokens", inputs["tokens"]))
+    assert meta["val_bytes"] / meta["val_tokens"] < 0.8 * n_bytes / n_targets  # the split's ratio is not ours
+    for entry in report["models"].values():
+        assert entry["bits_per_byte"] == pytest.approx(entry["val_loss"] * n_targets / math.log(2) / n_bytes)
+    unigram_bits = report["unigram_val_loss"] * n_targets / math.log(2) / n_bytes
+    assert report["unigram_bits_per_byte"] == pytest.approx(unigram_bits)
+    assert (report["eval_tokens"], report["scored_tokens"], report["scored_bytes"]) == (eval_tokens, n_targets, n_bytes)
+    markdown = (Store(tmp_path / "store").path("evaluate", ref.version) / REPORT_MD).read_text()
+    assert f"({n_targets:,} predicted targets, {n_bytes:,} bytes of text;" in markdown
+
+
+def test_scored_bytes_of_a_whole_split_are_the_tokens_stage_bytes(tmp_path: Path) -> None:
+    """End-of-text counts 0 bytes in both: the bytes of every validation token equal meta.json's val_bytes."""
+    words = ["data", "flows", "ünïcode", "東京", "🐍", "and", "back"]
+    rng = np.random.default_rng(0)
+    docs = [(f"doc-{i}", " ".join(rng.choice(words, size=4 + i % 5))) for i in range(30)]
+    dedup = builders.publish_dedup(tmp_path / "store", [docs])
+    split = SplitConfig(seed=3, val_fraction=0.3)
+    tok = tokenizer_stage.STAGE.run(
+        tmp_path / "store", tokenizer_stage.TokenizerConfig(kind="bpe", vocab_size=300, split=split), {"dedup": dedup}
+    )
+    ref = tokens_stage.STAGE.run(tmp_path / "store", tokens_stage.TokensConfig(), {"dedup": dedup, "tokenizer": tok})
+    folder = Store(tmp_path / "store").path("tokens", ref.version)
+    val, lengths = open_tokens(folder, "val"), token_byte_lengths(Tokenizer.load(folder / "tokenizer.json"))
+    # target_bytes leaves out the first token, which nothing predicts.
+    assert target_bytes(val, None, lengths) + lengths[val[0]] == read_meta(folder)["val_bytes"] > 0
+
+
+def test_heldout_pairs_counts_the_pairs_scored(tmp_path: Path, trained: tuple[GPT, GPT]) -> None:
+    too_long = {"prompt": "the cat " * 10, "response": " sat."}  # the prompt fills the 64-token context
+    inputs = publish_inputs(tmp_path / "store", *trained, heldout=[*HELDOUT, too_long])
+    ref = EVALUATE.run(tmp_path / "store", small_cfg(), inputs)
+    folder = Store(tmp_path / "store").path("evaluate", ref.version)
+    report = json.loads((folder / REPORT_JSON).read_text())
+    assert report["heldout_pairs"] == 2 and report["heldout_pairs_read"] == 3
+    assert "and 2 held-out fine-tuning pairs (1 more have no response token" in (folder / REPORT_MD).read_text()
+
+
+def test_evaluate_rejects_scored_tokens_without_text(tmp_path: Path, trained: tuple[GPT, GPT]) -> None:
+    eot = train_char([TEXT]).eot_id
+    inputs = publish_inputs(tmp_path / "store", *trained, val=[eot] * 10)  # empty documents only
+    with pytest.raises(DataIntegrityError, match=r"val.bin: the 9 scored tokens decode to 0 bytes"):
         EVALUATE.run(tmp_path / "store", small_cfg(), inputs)
     assert Store(tmp_path / "store").latest("evaluate") is None
 
