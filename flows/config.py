@@ -14,7 +14,8 @@ same fields as `PipelineConfig` with every one optional: the fields left empty k
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -171,8 +172,10 @@ def _overrides_of(model: type[BaseModel], name: str) -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for field_name, info in model.model_fields.items():
         annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            annotation = _overrides_of(annotation, f"{annotation.__name__}Overrides")
+        members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+        models = [arg for arg in members if isinstance(arg, type) and issubclass(arg, BaseModel)]
+        if models:  # a nested model, optional or not: its own fields become optional in turn
+            annotation = _overrides_of(models[0], f"{models[0].__name__}Overrides")
         optional = FieldInfo.merge_field_infos(info, annotation=annotation | None, default=None)
         optional.default_factory = None
         fields[field_name] = (annotation | None, optional)
@@ -186,9 +189,21 @@ def overrides_dict(overrides: BaseModel | dict[str, Any] | None) -> dict[str, An
     """The fields a user set, as a nested dict to lay over a preset (empty fields of the form left out)."""
     if overrides is None:
         return {}
-    if isinstance(overrides, BaseModel):
-        return overrides.model_dump(mode="json", exclude_none=True)
-    return PipelineOverrides.model_validate(overrides).model_dump(mode="json", exclude_none=True)
+    if not isinstance(overrides, BaseModel):
+        overrides = PipelineOverrides.model_validate(overrides)
+    return _without_empty(overrides.model_dump(mode="json", exclude_none=True))
+
+
+def _without_empty(values: dict[str, Any]) -> dict[str, Any]:
+    """Nested settings none of whose fields is set are not set either (an empty sub-form changes nothing)."""
+    kept = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _without_empty(value)
+            if not value:
+                continue
+        kept[key] = value
+    return kept
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

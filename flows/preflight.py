@@ -33,7 +33,7 @@ def check_run(
     problems += storage_problems
     if not storage_problems:
         problems += _stored_input_problems(store, plan, selection, verify)
-    if "download" in plan.run:
+    if "download" in plan.run and cfg.sources:  # none: the embedded default corpus, made by the run
         problems += _source_problems(cfg)
     if "finetune" in plan.run and cfg.finetune.data:
         problems += _file_problems("finetune.data", cfg.finetune.data)
@@ -80,7 +80,7 @@ def _source_problems(cfg: PipelineConfig) -> list[str]:
     try:
         download = cfg.stage_config("download")
     except ValidationError as exc:
-        return [f"sources: {error['msg'].removeprefix('Value error, ')}" for error in exc.errors()]
+        return [error["msg"].removeprefix("Value error, ") for error in exc.errors()]
     problems = []
     for source in download.sources:
         try:

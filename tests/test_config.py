@@ -96,6 +96,8 @@ def test_overrides_keep_the_preset_where_they_are_empty():
     assert cfg.pretrain.n_embd == PRESETS["small"]["pretrain"]["n_embd"]
     assert cfg.tokenizer.vocab_size == PRESETS["small"]["tokenizer"]["vocab_size"]
     assert preset_config("small", {"pretrain": {"max_steps": 700}}) == cfg  # a dict, as a settings file gives
+    # An optional sub-form left empty changes nothing (tokens.split unset: the tokenizer's split is used).
+    assert preset_config("tiny", {"tokens": {"split": {"seed": None, "val_fraction": None}}}).tokens.split is None
     # The form keeps each field's description and bounds.
     field = PipelineOverrides.model_json_schema()["$defs"]["PretrainConfigOverrides"]["properties"]["max_steps"]
     assert field["description"] and field["anyOf"][0]["minimum"] == 1
