@@ -314,3 +314,31 @@ def test_a_run_killed_with_sigkill_is_shown_dead(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device", "/store/s/.tmp-v1/docs/a.parquet"),
+        RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file"),
+        OSError("Error writing bytes to file. Detail: [errno 28] No space left on device"),  # pyarrow's wording
+    ],
+    ids=["errno", "wrapped", "words"],
+)
+def test_a_full_disk_however_a_library_reports_it_is_one_disk_full_error(tmp_path, error):
+    from storage.errors import DiskFullError
+
+    def build(out: Path) -> dict:
+        (out / "part").write_bytes(b"x" * 100)
+        if isinstance(error, RuntimeError):  # torch wraps the OSError it met
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError as cause:
+                raise error from cause
+        raise error
+
+    store = Store(tmp_path)
+    with pytest.raises(DiskFullError, match=r"s/v1: no space left on the device writing .*100 bytes of the version"):
+        store.publish("s", "v1", build, params={}, inputs={}, code_version="c")
+    assert not store.has("s", "v1") and [p.name for p in (tmp_path / "s").iterdir()] == [".locks"]
+    assert list((tmp_path / "s" / ".locks").iterdir()) == []
