@@ -4,6 +4,7 @@
 <folder>/model_config.json   GPTConfig as JSON
 """
 
+import errno
 import json
 import os
 import uuid
@@ -13,13 +14,19 @@ from typing import Any
 import torch
 
 from model.gpt import GPT, GPTConfig
+from storage.errors import DiskFullError
 
 WEIGHTS = "model.pt"
 CONFIG = "model_config.json"
 
 
+# A write that fails for want of space (a full disk, a spent quota) is a DiskFullError: a retry cannot help.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, then rename: a crash leaves the old file or the new one."""
+    """torch.save to a temporary file, fsync, then rename: a crash or a full disk leaves the old file or the
+    new one, never part of one. A full disk raises DiskFullError naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -28,6 +35,13 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save's zip writer reports a failed write as a RuntimeError ("unexpected pos ...") raised
+        # while handling the OSError that says why.
+        cause = exc if isinstance(exc, OSError) else exc.__context__
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+            raise DiskFullError(f"{path}: not written, no space left on its device ({cause.strerror})") from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -7,15 +7,19 @@ is entered, everything here describes a single process: world_size() is 1, reduc
 and barrier() returns at once, so the training loop calls them unconditionally.
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,11 +27,18 @@ import torch.distributed as dist
 from storage import errors
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# A failing process writes this line to stderr before its traceback, so that its launcher can name the
-# root cause in one line: torchrun's own report ends with a banner, and the other processes fail after it
-# with "connection closed by peer".
-ERROR_MARK = "gptflow-error:"
-_MARKED = re.compile(re.escape(ERROR_MARK) + r" (\w+): (.*)")
+# The folder where a failing process reports its error (report_failure), one JSON file per rank: the launcher
+# (run_torchrun) names a fresh one in each launch's environment.
+REPORTS_ENV = "GPTFLOW_FAILURE_REPORTS"
+# gloo reports a lost peer as a plain RuntimeError from its TCP transport ("[.../gloo/transport/tcp/pair.cc:553]
+# Connection closed by peer ..."); NCCL and the rendezvous raise torch.distributed.DistError subclasses.
+_GLOO_TRANSPORT = re.compile(r"gloo/transport/|Connection (closed|reset) by peer")
+
+
+class WorkerError(errors.GptflowError):
+    """A launched process failed on an error that is neither gptflow's own nor a connection fault (a KeyError,
+    a CUDA out-of-memory RuntimeError): one process fails at once on such an error, so a launch does too (it
+    is no TransientError). The message carries the process's rank and `TypeName: message`."""
 
 
 @dataclass(frozen=True)
@@ -129,11 +140,37 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
     return total / world_size()
 
 
-def report_failure(exc: BaseException) -> None:
-    """Write the one line a launcher reads to name this process's error (see ERROR_MARK)."""
-    reason = (str(exc).splitlines() or [""])[0]
-    sys.stderr.write(f"{ERROR_MARK} {type(exc).__name__}: {reason}\n")
-    sys.stderr.flush()
+def report_failure(exc: Exception, environ: Mapping[str, str] = os.environ) -> None:
+    """Tell the launcher why this process fails: <REPORTS_ENV>/rank-<RANK>.json holds the error's type, its
+    first line, how a single process would classify it (`kind`) and when it was raised. Written (atomically)
+    before the process exits; nothing when no launcher named a folder (torchrun started by hand).
+
+    kind: "gptflow" (its class in storage.errors, the nearest in its MRO, is `class`), "transient"
+    (ConnectionError, TimeoutError), "collective" (a torch.distributed error or gloo's lost connection: a
+    peer that died, a lost rendezvous; never the root cause when another process reported one), or "other".
+    """
+    folder = environ.get(REPORTS_ENV)
+    if not folder:
+        return
+    process = int(environ.get("RANK", "0"))
+    report = {"rank": process, "type": type(exc).__name__, "message": (str(exc).splitlines() or [""])[0]}
+    if isinstance(exc, errors.GptflowError):
+        owned = next(cls for cls in type(exc).__mro__ if getattr(errors, cls.__name__, None) is cls)
+        report.update({"kind": "gptflow", "class": owned.__name__})
+    elif isinstance(exc, ConnectionError | TimeoutError):
+        report["kind"] = "transient"
+    elif isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and _GLOO_TRANSPORT.search(str(exc))):
+        report["kind"] = "collective"
+    else:
+        report["kind"] = "other"
+    report["time"] = time.time()  # the processes of a launch share this machine's clock
+    path = Path(folder) / f"rank-{process}.json"
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(report) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as error:  # the traceback still reaches stderr; the launcher then sees no report
+        sys.stderr.write(f"could not write the failure report {path}: {error}\n")
 
 
 # -- launching -----------------------------------------------------------------------------------------
@@ -146,8 +183,9 @@ def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
     return [*launcher, "-m", module, *args]
 
 
-def _child_env(nproc: int) -> dict[str, str]:
+def _child_env(nproc: int, reports: Path) -> dict[str, str]:
     env = dict(os.environ)
+    env[REPORTS_ENV] = str(reports)
     # The project importable wherever the caller's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     # Share the cores instead of each process taking all of them (torchrun would set 1, with a warning).
@@ -155,24 +193,47 @@ def _child_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def _failure(nproc: int, returncode: int, reported: Sequence[str], last_line: str | None) -> Exception:
-    """One error naming why the processes failed.
+def read_reports(folder: Path) -> list[dict[str, Any]]:
+    """The processes' failure reports (report_failure), first raised first."""
+    reports = []
+    for path in sorted(Path(folder).glob("rank-*.json")):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue  # written by os.replace, so whole or absent; anything else is no report
+        if isinstance(report, dict):
+            reports.append(report)
+    return sorted(reports, key=lambda report: report.get("time", 0.0))
 
-    A process that reported bad configuration or data (ValueError, a gptflow error) names the root cause,
-    and its class is kept: a retry cannot fix it. Anything else (a process killed by a signal or out of
-    memory, and the "connection closed by peer" its partners then report; a lost rendezvous) is transient:
-    a retry resumes from the last checkpoint. The message quotes the first reported error, else torchrun's
-    last stderr line.
+
+def launch_failure(nproc: int, returncode: int, reports: Sequence[dict[str, Any]], last_line: str | None) -> Exception:
+    """The one error a failed launch raises: the first process's error that is not a failed collective,
+    classified as in one process (tasks/stage.py `is_transient`).
+
+    - a gptflow error: the same class (DataIntegrityError, ConfigError, TransientError, ...);
+    - a ConnectionError or TimeoutError: TransientError;
+    - any other error (KeyError, ValueError, a CUDA out-of-memory RuntimeError): WorkerError, not retried.
+
+    With no such report, the processes were killed (by a signal, the out-of-memory killer) or lost a peer or
+    the rendezvous: TransientError, since a retry resumes from the last checkpoint and may well finish.
+    Each message names the rank and quotes `TypeName: message`, else torchrun's last stderr line.
     """
     prefix = f"training with {nproc} processes failed (exit {returncode})"
-    errors_seen = [m.groups() for m in map(_MARKED.search, reported) if m]
-    for name, reason in errors_seen:
-        cls = getattr(errors, name, None) if name != "ValueError" else ValueError
-        if isinstance(cls, type) and issubclass(cls, ValueError | errors.GptflowError):
-            return cls(f"{prefix}: {name}: {reason}")
-    if errors_seen:
-        name, reason = errors_seen[0]
-        return errors.TransientError(f"{prefix}: {name}: {reason}")
+    for report in reports:
+        kind = report.get("kind")
+        if kind == "collective":
+            continue
+        message = f"{prefix}: rank {report.get('rank')}: {report.get('type')}: {report.get('message')}"
+        cls = getattr(errors, str(report.get("class")), None) if kind == "gptflow" else None
+        if isinstance(cls, type) and issubclass(cls, errors.GptflowError):
+            return cls(message)
+        if kind == "transient":
+            return errors.TransientError(message)
+        return WorkerError(message)
+    if reports:  # only processes that lost a partner reported: the partner was killed or cut off
+        first = reports[0]
+        lost = f"rank {first.get('rank')}: {first.get('type')}: {first.get('message')}"
+        return errors.TransientError(f"{prefix}: a process was lost ({lost})")
     return errors.TransientError(f"{prefix}: {last_line or 'nothing on stderr'}")
 
 
@@ -185,26 +246,39 @@ def run_torchrun(
     on_stderr: Callable[[str], None],
 ) -> None:
     """Run `module` in `nproc` processes under torchrun and wait for them, passing each line they write to
-    on_stdout / on_stderr (without its newline). A non-zero exit raises one error (see `_failure`).
+    on_stdout / on_stderr (without its newline). A non-zero exit raises one error (see `launch_failure`),
+    built from the reports the processes wrote (report_failure) into a folder made for this launch.
 
     If this process dies, the pipe closes and rank 0's next write to stdout fails, which ends the launch.
     """
+    with tempfile.TemporaryDirectory(prefix="gptflow-torchrun-") as reports:
+        returncode, last_line = _run(nproc, module, args, Path(reports), on_stdout, on_stderr)
+        if returncode != 0:
+            raise launch_failure(nproc, returncode, read_reports(Path(reports)), last_line)
+
+
+def _run(
+    nproc: int,
+    module: str,
+    args: Sequence[str],
+    reports: Path,
+    on_stdout: Callable[[str], None],
+    on_stderr: Callable[[str], None],
+) -> tuple[int, str | None]:
+    """torchrun's exit status and the last non-blank line it wrote to stderr."""
     process = subprocess.Popen(
         torchrun_command(nproc, module, args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         bufsize=1,
-        env=_child_env(nproc),
+        env=_child_env(nproc, reports),
     )
-    reported: list[str] = []  # the processes' ERROR_MARK lines, first failure first
     last_line: list[str] = []
 
     def read_stderr() -> None:
         for line in process.stderr:
             line = line.rstrip("\n")
-            if ERROR_MARK in line:
-                reported.append(line)
             if line.strip():
                 last_line[:] = [line.strip()]
             on_stderr(line)
@@ -224,5 +298,4 @@ def run_torchrun(
                 process.kill()
                 process.wait()
         reader.join(timeout=10)
-    if returncode != 0:
-        raise _failure(nproc, returncode, reported, next(iter(last_line), None))
+    return returncode, next(iter(last_line), None)

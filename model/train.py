@@ -13,6 +13,10 @@ masks of one process, and the gradient DDP averages over processes is the one pr
 result does not depend on the number of processes (up to the order of floating-point sums). Evaluation
 batches are dealt out the same way and the token-weighted sums added up. Rank 0 alone writes checkpoints and
 metrics.jsonl, logs and shows progress; every process resumes from the same checkpoint.
+
+The same weights on any machine: the loop runs on `cpu_threads` intra-op threads (a setting, part of the
+version id) whatever the caller, the environment (OMP_NUM_THREADS, a CPU affinity mask) or the core count
+would give, because the thread count decides how the kernels split their sums.
 """
 
 import hashlib
@@ -21,8 +25,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -42,6 +46,12 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CHECKPOINT_FORMAT = 1
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# Intra-op threads of the training loop by default. The thread count decides how MKL's matmuls and ATen's
+# parallel reductions split their sums, so it changes the weights' last bits (the tiny preset's model, 1
+# against 2 threads: 3.6e-7 apart after 100 steps): it is a setting that the version id covers, never taken
+# from the machine. One thread: on two cores shared with other work the tiny preset trained ~3x faster than
+# on two contending threads, and each process of a CPU launch (nproc) takes one core.
+CPU_THREADS = 1
 
 _logger = logging.getLogger(__name__)
 
@@ -68,6 +78,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     progress: bool = False
+    cpu_threads: int = CPU_THREADS
 
     # How a run executes, not what it computes: a checkpoint stays resumable when only these change.
     RUNTIME_FIELDS = ("compile", "device", "progress")
@@ -85,6 +96,7 @@ def train_config_problems(values: dict[str, Any]) -> list[str]:
     """Every problem with a set of TrainConfig values (ranges and cross-field checks), for one error."""
     problems = []
     for name in (
+        "cpu_threads",
         "batch_size",
         "grad_accum_steps",
         "max_steps",
@@ -137,10 +149,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def precision(device: torch.device) -> str:
+    """What the loop computes in on `device`: "bf16" (autocast) on CUDA GPUs that support it, else "fp32"
+    (bf16 matmul on CPUs without native support runs ~100x slower than fp32, see ENV-NOTES)."""
+    bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return "bf16" if bf16 else "fp32"
+
+
 def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA GPUs that support it; nothing elsewhere (bf16 matmul on CPUs without native
-    support runs ~100x slower than fp32, see ENV-NOTES)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bf16 autocast where `precision` says bf16; nothing elsewhere."""
+    if precision(device) == "bf16":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return nullcontext()
 
@@ -230,6 +248,17 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total, norm, tokens
+
+
+@contextmanager
+def fixed_threads(count: int) -> Iterator[None]:
+    """Run the block on `count` intra-op threads, then give the caller back its own setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @torch.no_grad()
@@ -333,6 +362,7 @@ class TrainResult:
     val_loss: float | None  # the last evaluation on validation batches
     best_val_loss: float | None
     device: str
+    cpu_threads: int  # the intra-op threads it trained on (cfg.cpu_threads)
     resumed_from: int  # the step a checkpoint let this call start at (0: from scratch)
     records: list[dict[str, Any]] = field(default_factory=list)
 
@@ -371,14 +401,29 @@ def train(
     `on_record` sees each record as it is logged (progress displays).
 
     Inside a torchrun launch (distributed.process_group), every process calls this alike: see the module's
-    docstring. Only rank 0 writes files and calls `log` and `on_record`.
+    docstring. Only rank 0 writes files and calls `log` and `on_record`. The loop runs on `cfg.cpu_threads`
+    intra-op threads; the caller's setting is back when it returns.
     """
+    with fixed_threads(cfg.cpu_threads):
+        return _train(model, source, cfg, Path(checkpoint_dir), metrics_path, log, on_record, identity, ignore_index)
+
+
+def _train(
+    model: GPT,
+    source: BatchSource,
+    cfg: TrainConfig,
+    checkpoint_dir: Path,
+    metrics_path: Path | None,
+    log: Callable[[str], None] | None,
+    on_record: Callable[[dict[str, Any]], None] | None,
+    identity: Any,
+    ignore_index: int,
+) -> TrainResult:
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     local_micro_steps(cfg.grad_accum_steps, rank, world)  # refuse an uneven split before any work
     log = (log or _logger.info) if main else _quiet
     on_record = on_record if main else None
-    checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = checkpoint_dir / CHECKPOINT
     metrics_path = Path(metrics_path) if metrics_path is not None else checkpoint_dir / METRICS
@@ -502,6 +547,7 @@ def train(
         val_loss=val_losses[-1] if val_losses else None,
         best_val_loss=min(val_losses) if val_losses else None,
         device=str(device),
+        cpu_threads=torch.get_num_threads(),
         resumed_from=resumed_from,
         records=records,
     )

@@ -7,8 +7,8 @@ processes (PyTorch DDP) and waits for them:
 
 Between the two sides: SETTINGS.json (a PretrainSettings); on stdout, rank 0's lines as JSON objects,
 {"log": line} or {"record": metrics record}; in `out`, rank 0's final model.pt, model_config.json and
-result.json (the TrainResult and the parameter count); on stderr, a failing process's one-line reason
-(distributed.report_failure) before its traceback.
+result.json (the TrainResult and the parameter count); a failing process's error class and first line in
+a report file (distributed.report_failure), its traceback on stderr.
 """
 
 import json
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_model(out, model)
                 written = {"result": asdict(result), "params": model.num_params()}
                 (out / RESULT).write_text(json.dumps(written) + "\n", encoding="utf-8")
-    except BaseException as exc:
+    except Exception as exc:  # an interrupt or a signal leaves no report: the launcher takes it as transient
         distributed.report_failure(exc)
         raise
     return 0

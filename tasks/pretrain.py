@@ -20,7 +20,16 @@ from pydantic import Field, model_validator
 from model.checkpoint import CONFIG, WEIGHTS, save_model
 from model.data import check_window_fits
 from model.gpt import GPTConfig
-from model.train import METRICS, TrainConfig, TrainResult, plot_losses, resolve_device, schedule_problems
+from model.train import (
+    CPU_THREADS,
+    METRICS,
+    TrainConfig,
+    TrainResult,
+    plot_losses,
+    precision,
+    resolve_device,
+    schedule_problems,
+)
 from model.train_entry import PretrainSettings, launch, pretrain
 from storage.errors import ConfigError, DataIntegrityError
 from storage.tokens import open_tokens, read_meta
@@ -71,6 +80,14 @@ class TrainingFields(StageConfig):
         "auto", description="Where to train: auto = cuda if available, else mps, else cpu."
     )
     progress: bool = Field(False, description="Show a progress bar (loss, tokens/s) on the terminal.")
+    cpu_threads: int = Field(
+        CPU_THREADS,
+        description="Intra-op threads the training loop computes on (CPU work). Part of the version id: the "
+        "thread count changes how sums are split, so the same setting gives the same weights on any machine, "
+        "busy or not. 1 is fastest for small models on a shared machine; raise it on a large idle CPU.",
+        ge=1,
+        le=1024,
+    )
 
     def problems(self) -> list[str]:
         """Cross-field problems; subclasses add theirs."""
@@ -144,6 +161,7 @@ def result_metrics(result: TrainResult) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "tokens_per_s": round(result.tokens_per_s, 1),
         "device": result.device,
+        "cpu_threads": result.cpu_threads,
         "resumed_from_step": result.resumed_from,
     }
 
@@ -204,8 +222,7 @@ def training_environment(cfg: TrainingFields) -> dict[str, Any]:
     there (bf16 autocast on CUDA GPUs that support it, fp32 elsewhere). A CUDA bf16 model and a CPU fp32 one
     are different versions, though their settings are the same."""
     device = resolve_device(cfg.device)
-    bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return {"device": device.type, "precision": "bf16" if bf16 else "fp32"}
+    return {"device": device.type, "precision": precision(device)}
 
 
 def check_processes_fit(nproc: int, device: torch.device) -> None:

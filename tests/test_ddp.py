@@ -5,6 +5,7 @@ Each launch costs ~5 s on two cores (three interpreters importing torch), hence 
 
 import dataclasses
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +18,10 @@ from model.checkpoint import load_model
 from model.gpt import GPTConfig
 from model.train import CHECKPOINT, METRICS, local_micro_steps, read_metrics
 from model.train_entry import RESULT, PretrainSettings, launch, pretrain
-from storage.errors import TransientError
+from storage.errors import DataIntegrityError, TransientError
 from storage.store import Store
 from tasks.pretrain import STAGE, PretrainConfig
+from tasks.stage import is_transient
 
 KILLED_AT_STEP = 7  # rank 1 dies fetching this step's batch: past the checkpoint at step 5
 
@@ -126,11 +128,14 @@ def test_uneven_split_inside_a_launch_fails_with_one_line_naming_it(
     # Past the stage's own check (a caller of train_entry directly): every process refuses, before training.
     settings = settings_for(*tokens_store, tmp_path, grad_accum_steps=3)
     warnings: list[str] = []
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(distributed.WorkerError) as err:
         launch(settings, 2, log=lambda line: None, warn=warnings.append)
+    assert not is_transient(err.value)  # as in one process: a retry would refuse it again
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith("training with 2 processes failed (exit 1): ValueError: grad_accum_steps (3)")
+    assert re.match(
+        r"training with 2 processes failed \(exit 1\): rank [01]: ValueError: grad_accum_steps \(3\)", message
+    )
     assert any("Traceback" in line for line in warnings)  # the processes' stderr reached the log
     assert not (tmp_path / CHECKPOINT).exists()
 
@@ -185,6 +190,115 @@ def test_killed_process_fails_transiently_and_the_retry_resumes_exactly(
     got = read_metrics(Path(settings.work) / METRICS)
     assert without_timing(got) == without_timing(read_metrics(Path(two_processes.work) / METRICS))
     assert (Path(settings.out) / RESULT).is_file()
+
+
+RAISING_WORKER = """
+import os, sys
+
+from model import train_entry
+from model.data import TokenBatches
+from storage import errors
+
+batch = TokenBatches.train_batch
+
+
+def train_batch(self, step, micro):
+    if step == 2 and os.environ["RANK"] == "1":  # rank 0 is then waiting on it in a collective
+        raise {error}
+    return batch(self, step, micro)
+
+
+TokenBatches.train_batch = train_batch
+sys.exit(train_entry.main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("error", "expected", "transient", "reason"),
+    [
+        ('KeyError("vocab")', "WorkerError", False, "rank 1: KeyError: 'vocab'"),
+        ('errors.DataIntegrityError("bad.bin")', "DataIntegrityError", False, "rank 1: DataIntegrityError: bad.bin"),
+        ('errors.TransientError("store busy")', "TransientError", True, "rank 1: TransientError: store busy"),
+    ],
+)
+def test_a_process_error_is_classified_as_in_one_process(
+    error: str,
+    expected: str,
+    transient: bool,
+    reason: str,
+    tokens_store: tuple[Store, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "raising_worker.py").write_text(RAISING_WORKER.format(error=error))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    settings = settings_for(*tokens_store, tmp_path / "run")
+    Path(settings.work).mkdir()
+    settings.save(tmp_path / "settings.json")
+    with pytest.raises(Exception) as err:
+        distributed.run_torchrun(
+            2,
+            "raising_worker",
+            [str(tmp_path / "settings.json")],
+            on_stdout=lambda line: None,
+            on_stderr=lambda line: None,
+        )
+    # Rank 0 fails too ("Connection closed by peer"), after rank 1: the root cause is rank 1's error.
+    assert type(err.value).__name__ == expected
+    assert is_transient(err.value) is transient  # the rule Prefect's retries follow
+    assert f"training with 2 processes failed (exit 1): {reason}" in str(err.value)
+
+
+def report(exc: Exception, rank: int, folder: Path) -> None:
+    distributed.report_failure(exc, environ={distributed.REPORTS_ENV: str(folder), "RANK": str(rank)})
+
+
+GLOO_LOST_PEER = RuntimeError(
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+    "[127.0.0.1]:31446. This is typically caused by a remote worker crashing."
+)
+
+
+def test_a_cuda_out_of_memory_in_one_process_is_not_retried(tmp_path: Path) -> None:
+    report(GLOO_LOST_PEER, 0, tmp_path)  # even when reported first, a lost peer is never the root cause
+    report(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail"), 1, tmp_path)
+    error = distributed.launch_failure(2, 1, distributed.read_reports(tmp_path), "torchrun's last line")
+    assert isinstance(error, distributed.WorkerError) and not is_transient(error)
+    assert str(error) == (
+        "training with 2 processes failed (exit 1): rank 1: OutOfMemoryError: CUDA out of memory. "
+        "Tried to allocate 2.00 GiB"
+    )
+
+
+class DamagedShard(DataIntegrityError):
+    """A project error class outside storage.errors."""
+
+
+def test_the_launcher_raises_the_class_one_process_would_have(tmp_path: Path) -> None:
+    report(DamagedShard("train.bin: truncated"), 1, tmp_path)
+    error = distributed.launch_failure(2, 1, distributed.read_reports(tmp_path), None)
+    assert type(error) is DataIntegrityError and not is_transient(error)
+    assert str(error).endswith("rank 1: DamagedShard: train.bin: truncated")
+
+    for transient in (TimeoutError("rendezvous store: timed out"), ConnectionResetError("reset")):
+        folder = tmp_path / type(transient).__name__
+        folder.mkdir()
+        report(transient, 0, folder)
+        assert is_transient(distributed.launch_failure(2, 1, distributed.read_reports(folder), None))
+
+
+def test_killed_processes_and_lost_peers_are_transient(tmp_path: Path) -> None:
+    # No report: a process killed by a signal (the out-of-memory killer); torchrun's line says which.
+    killed = distributed.launch_failure(2, -9, [], "exitcode: -9 (pid: 4242) signal: SIGKILL")
+    assert isinstance(killed, TransientError) and str(killed).endswith(
+        "exit -9): exitcode: -9 (pid: 4242) signal: SIGKILL"
+    )
+    # Only the killed process's partners reported: they lost it in a collective.
+    report(GLOO_LOST_PEER, 0, tmp_path)
+    report(torch.distributed.DistBackendError("NCCL communicator was aborted"), 1, tmp_path)
+    lost = distributed.launch_failure(2, 1, distributed.read_reports(tmp_path), None)
+    assert isinstance(lost, TransientError) and "rank 0: RuntimeError: [" in str(lost)
 
 
 def test_torchrun_environment_is_read_and_checked() -> None:

@@ -81,6 +81,34 @@ def test_pretrain_publishes_the_contract_files_and_is_reused(store: Store) -> No
     assert STAGE.run(store.root, tiny_config(seed=2), {"tokens": tokens}).version != ref.version
 
 
+def test_the_same_version_has_the_same_weights_whatever_the_thread_count(tmp_path: Path) -> None:
+    # The machine's thread setting is not the loop's (cpu_threads is): it must not change the bits.
+    sha256, before = {}, torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)  # as the machine's cores or OMP_NUM_THREADS would set it
+            store = Store(tmp_path / f"store-{threads}")
+            ref = STAGE.run(store.root, tiny_config(), {"tokens": publish_tokens(store, cycle(3000), cycle(500))})
+            sha256[threads] = (ref.version, store.manifest("pretrain", ref.version)["files"]["model.pt"]["sha256"])
+    finally:
+        torch.set_num_threads(before)
+    assert sha256[1] == sha256[2]
+    assert Store(tmp_path / "store-1").manifest("pretrain", sha256[1][0])["metrics"]["cpu_threads"] == 1
+
+
+def test_the_version_names_the_device_precision_threads_and_torch() -> None:
+    cfg = tiny_config().model_copy(update={"device": "cpu"})
+    environment = STAGE.environment_of(cfg)
+    assert environment["device"] == "cpu" and environment["precision"] == "fp32"
+    assert environment["libraries"]["torch"] == torch.__version__
+    assert STAGE.version(cfg.model_copy(update={"cpu_threads": 2}), {"tokens": "t"}) != STAGE.version(
+        cfg, {"tokens": "t"}
+    )
+    assert STAGE.version(cfg.model_copy(update={"nproc": 1, "progress": True}), {"tokens": "t"}) == STAGE.version(
+        cfg, {"tokens": "t"}
+    )
+
+
 def test_a_failed_attempt_resumes_from_its_checkpoint(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     tokens = publish_tokens(store, cycle(3000), cycle(500))
 

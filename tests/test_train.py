@@ -1,5 +1,7 @@
 """The training loop: batches, schedule, learning, metrics, checkpoints and exact resume."""
 
+import errno
+import io
 import math
 import signal
 import subprocess
@@ -11,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from model import train as train_module
 from model.data import TokenBatches
 from model.gpt import GPT, GPTConfig
 from model.train import CHECKPOINT, METRICS, TrainConfig, lr_at, plot_losses, read_metrics, train
-from storage.errors import ConfigError, DataIntegrityError
+from storage.errors import ConfigError, DataIntegrityError, DiskFullError
 
 PROJECT = Path(__file__).resolve().parent.parent
 VOCAB = 64
@@ -260,3 +263,79 @@ def test_diverging_run_fails_with_a_clear_error(tmp_path: Path) -> None:
     cfg = tiny_train_config(max_steps=10, learning_rate=1e6, min_lr=0.0, grad_clip=0.0, log_interval=1)
     with pytest.raises(ConfigError, match="training diverged: loss is nan at step"):
         train(tiny_model(), batches(cfg), cfg, tmp_path)
+
+
+class FillsUp(io.FileIO):
+    """A file on a disk with `room` bytes left: the write past them fails as a full disk does."""
+
+    room = 4096
+
+    def write(self, data) -> int:
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().write(data)
+
+
+def test_a_disk_full_mid_checkpoint_keeps_the_last_whole_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_train_config(max_steps=20, checkpoint_interval=10)
+    reference = tiny_model()
+    train(reference, batches(cfg), cfg, tmp_path / "uninterrupted")
+
+    saves = []
+
+    def open_on_a_filling_disk(path, mode="r", *args, **kwargs):
+        saves.append(path)
+        return FillsUp(path, mode) if len(saves) > 1 else open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("model.checkpoint.open", open_on_a_filling_disk, raising=False)
+    folder = tmp_path / "full"
+    with pytest.raises(DiskFullError, match=f"{folder / CHECKPOINT}: not written, no space left"):
+        train(tiny_model(), batches(cfg), cfg, folder)
+    assert len(saves) == 2  # the checkpoint at step 20 ran out of space part-way
+    assert sorted(path.name for path in folder.iterdir()) == [CHECKPOINT, METRICS]  # no partial file left
+    assert torch.load(folder / CHECKPOINT, weights_only=True)["step"] == 10
+
+    monkeypatch.undo()  # space freed: the rerun resumes from the whole checkpoint and ends where it would have
+    resumed = tiny_model(seed=99)
+    assert train(resumed, batches(cfg), cfg, folder).resumed_from == 10
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
+
+
+# -- threads -------------------------------------------------------------------------------------------
+
+
+class ThreadsSeen:
+    """A batch source that notes the intra-op thread count the loop runs on."""
+
+    def __init__(self, source: TokenBatches) -> None:
+        self.source, self.threads = source, set()
+
+    def train_batch(self, step: int, micro: int):
+        self.threads.add(torch.get_num_threads())
+        return self.source.train_batch(step, micro)
+
+    def eval_splits(self):
+        return self.source.eval_splits()
+
+    def eval_batches(self, split: str, count: int):
+        return self.source.eval_batches(split, count)
+
+
+def test_the_weights_do_not_depend_on_the_callers_thread_count(tmp_path: Path) -> None:
+    # Even this tiny model's weights move by ~5e-6 when the same 10 steps run on 2 threads instead of 1.
+    cfg = tiny_train_config(max_steps=10)
+    runs, before = {}, torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)  # as OMP_NUM_THREADS, the core count or an affinity mask would
+            model, source = tiny_model(), ThreadsSeen(batches(cfg))
+            result = train(model, source, cfg, tmp_path / str(threads))
+            runs[threads] = model.state_dict(), source.threads, result, torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    for name, tensor in runs[1][0].items():
+        assert torch.equal(tensor, runs[2][0][name]), name
+    for threads, (_, seen, result, after) in runs.items():
+        assert seen == {train_module.CPU_THREADS} == {result.cpu_threads}  # recorded in the result
+        assert after == threads  # the caller's own setting is back
