@@ -41,7 +41,7 @@ from model.finetune import encode_pairs, read_pairs, response_loss
 from model.gpt import GPT
 from model.quantize import load_quantized
 from model.tokenizer import Tokenizer
-from model.train import read_metrics, resolve_device
+from model.train import CPU_THREADS, fixed_threads, read_metrics, resolve_device
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import atomic_write_json, atomic_write_text
 from storage.tokens import META, open_tokens, read_meta
@@ -285,6 +285,13 @@ def resolve(device: str) -> torch.device:
 
 
 def build(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
+    # On a fixed thread count, as training: the thread count decides how the kernels split their sums, and
+    # so the last digits of every loss reported.
+    with fixed_threads(CPU_THREADS):
+        return _evaluate(ctx, cfg)
+
+
+def _evaluate(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
     # The models compared must be one lineage, scored on the data they were trained on.
     for model_stage in ("pretrain", "finetune", "quantize"):
         ctx.require_common_ancestor(model_stage, "tokens")

@@ -23,6 +23,7 @@ from model.quantize import (
     save_quantized,
     to_dynamic_int8,
 )
+from model.train import CPU_THREADS, fixed_threads
 from storage.errors import DataIntegrityError, QualityError
 from storage.store import atomic_write_json
 from storage.tokens import open_tokens, read_meta
@@ -140,7 +141,8 @@ def quantize_model(ctx: StageContext, cfg: QuantizeConfig, source: Path) -> dict
 
 def build(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
     ctx.require_common_ancestor("finetune", "tokens")  # the loss change is measured on the model's own data
-    report = quantize_model(ctx, cfg, ctx.input_path("finetune"))
+    with fixed_threads(CPU_THREADS):  # as training: the thread count decides the losses' last digits
+        report = quantize_model(ctx, cfg, ctx.input_path("finetune"))
     atomic_write_json(ctx.out / REPORT, report)
     ctx.log.info(
         "int%d: %.2fx smaller, val loss %.4f -> %.4f (%+.4f), CPU forward %.2f -> %.2f ms",
