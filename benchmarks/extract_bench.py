@@ -1,8 +1,13 @@
 """Measure what worker processes buy the extract stage: documents per second with 1 and N workers on a
-synthetic OpenWebText-layout archive, and the peak memory of the stage's own process.
+synthetic OpenWebText-layout archive, and the peak memory of the stage's own process; with --memory, that
+peak for small documents and for large ones, at a small and a large shard_docs.
 
     python benchmarks/extract_bench.py                          # 40 inner archives x 500 documents of ~5 KB
     python benchmarks/extract_bench.py --archives 120 --workers 1 2 4
+    python benchmarks/extract_bench.py --memory                 # 20 x 500 of ~5 KB vs 25 x 16 of ~4 MB
+
+--memory runs one worker, so that the peak is the whole stage's, and shows that it does not grow with
+`shard_docs` or the documents' size: the stage holds bytes, not counts.
 
 Each measurement runs `extract`'s STAGE.run in a fresh process with a store of its own; its time includes
 starting the worker processes. On Linux a process's peak RSS (getrusage) starts from that of the process
@@ -61,7 +66,7 @@ def build_archive(dest: Path, archives: int, docs: int, doc_bytes: int, preset: 
     return {"text_bytes": sum(len(text) for _, text in corpus), "archive_bytes": dest.stat().st_size}
 
 
-def measure(archive: Path, workers: int) -> dict:
+def measure(archive: Path, workers: int, shard_docs: int) -> dict:
     """One extract run, in this (fresh) process; its numbers as a dict."""
     import resource
 
@@ -80,13 +85,15 @@ def measure(archive: Path, workers: int) -> dict:
         store.publish("download", DOWNLOAD_VERSION, place, params={}, inputs={}, code_version="bench")
         before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
-        ref = STAGE.run(store.root, ExtractConfig(workers=workers), {"download": DOWNLOAD_VERSION})
+        cfg = ExtractConfig(workers=workers, shard_docs=shard_docs)
+        ref = STAGE.run(store.root, cfg, {"download": DOWNLOAD_VERSION})
         seconds = time.perf_counter() - start
         own = resource.getrusage(resource.RUSAGE_SELF)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         manifest = store.manifest("extract", ref.version)
     return {
         "workers": workers,
+        "shard_docs": shard_docs,
         "seconds": seconds,
         "docs": manifest["metrics"]["docs"],
         "bytes": manifest["metrics"]["bytes"],
@@ -113,28 +120,27 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--preset", type=int, default=0, help="xz preset: 0 builds fastest; decoding differs little")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--memory", action="store_true", help="peak RSS: small vs large documents, by shard_docs")
+    parser.add_argument("--shard-docs", type=int, nargs="+", default=[10, 50_000], help="with --memory")
     parser.add_argument("--build", metavar="ARCHIVE", help=argparse.SUPPRESS)
-    parser.add_argument("--measure", nargs=2, metavar=("ARCHIVE", "WORKERS"), help=argparse.SUPPRESS)
+    parser.add_argument("--measure", nargs=3, metavar=("ARCHIVE", "WORKERS", "SHARD_DOCS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build:
         built = build_archive(Path(args.build), args.archives, args.docs, args.doc_bytes, args.preset, args.seed)
         print(json.dumps(built))
         return
     if args.measure:
-        print(json.dumps(measure(Path(args.measure[0]), int(args.measure[1]))))
+        archive, workers, shard_docs = args.measure
+        print(json.dumps(measure(Path(archive), int(workers), int(shard_docs))))
+        return
+    if args.memory:
+        memory(args)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "openwebtext.tar.xz"
-        start = time.perf_counter()
-        shape = ["--archives", str(args.archives), "--docs", str(args.docs), "--doc-bytes", str(args.doc_bytes)]
-        built = child("--build", str(archive), *shape, "--preset", str(args.preset), "--seed", str(args.seed))
-        print(
-            f"archive: {args.archives} inner archives x {args.docs} docs, {built['text_bytes'] / 1e6:.0f} MB of "
-            f"text, {built['archive_bytes'] / 1e6:.1f} MB as xz (built in {time.perf_counter() - start:.0f} s); "
-            f"{os.cpu_count()} CPU(s)"
-        )
-        results = [child("--measure", str(archive), str(workers)) for workers in args.workers]
+        build(archive, args.archives, args.docs, args.doc_bytes, args)
+        results = [child("--measure", str(archive), str(workers), "10000") for workers in args.workers]
 
     base = results[0]
     print(f"  {'workers':>7} {'seconds':>8} {'docs/s':>8} {'MB/s':>6} {'speedup':>8} {'peak RSS':>9}", end="")
@@ -147,6 +153,39 @@ def main() -> None:
         )
     same = all(r["files"] == base["files"] and r["docs"] == base["docs"] for r in results)
     print(f"  identical output for every worker count: {'yes' if same else 'NO'}")
+
+
+def build(archive: Path, archives: int, docs: int, doc_bytes: int, args: argparse.Namespace) -> dict:
+    """Build the corpus in a child process; prints what it is."""
+    start = time.perf_counter()
+    shape = ["--archives", str(archives), "--docs", str(docs), "--doc-bytes", str(doc_bytes)]
+    built = child("--build", str(archive), *shape, "--preset", str(args.preset), "--seed", str(args.seed))
+    print(
+        f"archive: {archives} inner archives x {docs} docs of ~{doc_bytes:,} bytes, {built['text_bytes'] / 1e6:.0f} "
+        f"MB of text, {built['archive_bytes'] / 1e6:.1f} MB as xz (built in {time.perf_counter() - start:.0f} s); "
+        f"{os.cpu_count()} CPU(s)"
+    )
+    return built
+
+
+def memory(args: argparse.Namespace) -> None:
+    """Peak RSS of one-worker extract runs: many small documents vs 400 of ~4 MB, at each shard_docs."""
+    corpora = {"small docs": (20, 500, 5000), "400 x 4 MB docs": (25, 16, 4_000_000)}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, (archives, docs, doc_bytes) in corpora.items():
+            archive = Path(tmp) / label.replace(" ", "_") / "openwebtext.tar.xz"
+            archive.parent.mkdir()
+            build(archive, archives, docs, doc_bytes, args)
+            for shard_docs in args.shard_docs:
+                rows.append((label, child("--measure", str(archive), "1", str(shard_docs))))
+            archive.unlink()
+    print(f"  {'corpus':<16} {'shard_docs':>10} {'docs':>7} {'MB of text':>10} {'seconds':>8} {'peak RSS':>9}")
+    for label, r in rows:
+        print(
+            f"  {label:<16} {r['shard_docs']:>10} {r['docs']:>7} {r['bytes'] / 1e6:>10.0f} {r['seconds']:>8.1f} "
+            f"{r['peak_rss_mib']:>5.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

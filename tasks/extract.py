@@ -1,23 +1,37 @@
 """Stage `extract`: the downloaded archives -> documents in Parquet shards.
 
-Reads the real OpenWebText layout and its simpler relatives, recognised by magic bytes, never by name:
+Reads the real OpenWebText layout and its simpler relatives:
 
-    openwebtext.tar.xz  or  urlsf_subsetNN.tar      (outer tar, compressed or plain)
-      openwebtext/urlsf_subsetNN-M_data.xz           (inner tar, compressed)
+    openwebtext.tar.xz  or  urlsf_subsetNN.tar      (outer tar, compressed or plain: the download)
+      openwebtext/urlsf_subsetNN-M_data.xz           (inner archive: a compressed tar)
         NNNNNNN-<md5>.txt                            (one document per regular-file member)
 
-an inner `*_data.xz` given directly, or a plain tar of .txt files. Compression: xz, gzip, bzip2, zstd.
-A member is opened as an archive only when it is a tar, or decompresses to one: a text that merely starts
-with a compression's magic bytes is a document. Damage any decompressor reports fails the stage (or, with
-`skip_corrupt`, drops the archive) with one line naming the archive and member.
-Everything streams (tar "r|" mode over nested decompressors), so no archive is ever held in memory whole
-but a nested one of at most MAX_SHIPPED_ARCHIVE_BYTES, and members are never written to disk: a hostile
-name such as `../../etc/passwd` is only data. A member larger than `max_doc_bytes` is skipped unread.
+an inner `*_data.xz` given directly, or a plain tar of .txt files. Compression: xz, gzip, bzip2, zstd, told
+by magic bytes. A member is read as an archive when it starts like one (a tar header, a compressed stream's
+signature, or the first bytes of xz's, gzip's or zstd's magic cut short: none of those is valid UTF-8) or
+is named like one (`.xz .gz .tgz .txz .bz2 .zst .tar`); every other member is a document, even a text that
+starts with "BZh9" (bzip2's magic is ASCII, so only its full stream signature counts).
+
+Damage. A member read as an archive must decompress to a tar, read to its end intact; otherwise it is
+quarantined: left out with all of its documents (nested archives included), listed under `quarantined` in
+the metrics with a reason (truncated, corrupt_stream, not_a_tar, corrupt_tar, too_large, expansion_ratio,
+too_deep), and the rest of the corpus proceeds. Past `max_corrupt_fraction` of the inner archives seen the
+stage fails, and with `strict` it fails on the first. Damage in the downloaded file itself is never
+quarantined: the stage fails naming it, its download version and `gptflow run --force download`.
+Decompression bombs: an inner archive may expand to `max_archive_bytes` and `max_expansion_ratio` times its
+own size, the download to that ratio; reading stops at the first read past either.
+
+Memory is bounded by bytes. Everything streams (tar "r|" mode over nested decompressors), and members are
+never written to disk as files: a hostile name such as `../../etc/passwd` is only data. A member larger
+than `max_doc_bytes` is skipped unread. An inner archive's documents wait until it has been read to its end
+intact, at most HOLD_BYTES of them in memory and the rest in an anonymous file in the stage's scratch
+folder; Parquet row groups close at ROW_GROUP_BYTES of text or _ROW_GROUP_DOCS rows, whichever comes first.
 
 Decompressing and parsing the ~20,000 inner archives is the costly part, so with `workers` > 1 each inner
-archive is read whole (they are small) and parsed in a worker process, while this process still reads the
-download once, in order, and writes every shard. Parsing only describes what it finds (events); the events
-are applied in archive order, whichever process made them, so the output is the same for any worker count.
+archive of at most MAX_SHIPPED_ARCHIVE_BYTES is read whole and parsed in a worker process, while this
+process still reads the download once, in order, and writes every shard. Parsing only describes what it
+finds (events); the events are applied in archive order, whichever process made them, so the output is
+the same for any worker count.
 
 Output: `docs/shard-00000.parquet`, ... (zstd) with columns doc_id, text, source, member, n_bytes.
 """
@@ -25,18 +39,20 @@ Output: `docs/shard-00000.parquet`, ... (zstd) with columns doc_id, text, source
 import bz2
 import gzip
 import io
+import json
 import logging
 import lzma
 import re
 import tarfile
+import tempfile
 import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future
 from contextlib import ExitStack, closing
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar, NamedTuple
+from typing import IO, Any, ClassVar, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -62,42 +78,67 @@ SCHEMA = pa.schema(
 XZ_MAGIC = b"\xfd7zXZ\x00"
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-BZIP2_MAGIC = re.compile(rb"BZh[1-9]")
+# "BZh" and a block size are ASCII, so a text may start with them: a bzip2 stream is told by those and the
+# magic of its first block ("1AY&SY", pi's digits) or, for an empty stream, of its end (sqrt(pi)'s).
+_BZIP2_BLOCKS = (b"1AY&SY", b"\x17rE8P\x90")
+BZIP2_MAGIC = re.compile(rb"BZh[1-9](?:1AY&SY|\x17rE8P\x90)")
+# Every signature a member may start with; one cut short is a compressed stream that lost its body.
+_SIGNATURES = [("xz", XZ_MAGIC), ("gzip", GZIP_MAGIC), ("zstd", ZSTD_MAGIC)] + [
+    ("bzip2", b"BZh" + bytes([level]) + block) for level in b"123456789" for block in _BZIP2_BLOCKS
+]
 _TAR_MAGIC_OFFSET = 257  # POSIX ustar (and GNU "ustar  ") headers carry "ustar" here
 _BLOCK = tarfile.BLOCKSIZE
 # outer tar -> inner tar is depth 1; a little slack for a tar of such outer tars, and no more: an archive
 # nested deeper than this is far more likely a decompression bomb than a corpus.
 MAX_NESTING = 3
-# Rows per Parquet row group: a few MB of web text, so a reader can stream a shard in small pieces.
+# Rows per Parquet row group, or fewer: a row group also closes at ROW_GROUP_BYTES of text, whatever the
+# documents' size. pyarrow's writer takes ~6 times a row group's size while writing it (measured here: ~400
+# MiB for 64 MiB of 4 MB documents, ~100 MiB for 16 MiB), and readers (tasks/shards.py) read batches of
+# about that size. 1024 OpenWebText documents (~5 KB each) are ~5 MB, so for them the row count decides.
 _ROW_GROUP_DOCS = 1024
-# How many hostile or oversized member names the metrics list verbatim (all are counted).
+ROW_GROUP_BYTES = 16 << 20
+# An inner archive's events wait in memory up to this many bytes (of text, mostly), then in a temporary
+# file: an OpenWebText inner archive holds ~2 MB of text (38 GB in ~20,600), so it never reaches the file.
+HOLD_BYTES = 64 << 20
+# How many hostile or oversized member names, and quarantined archives, the metrics list (all are counted).
 _MAX_LISTED_NAMES = 20
+_MAX_LISTED_QUARANTINED = 1000
 # An OpenWebText document is ~5 KB (38 GB of text in ~8M documents); Gopher's longest kept document,
 # 100,000 words, is ~600 KB. Far above both, and small enough that one member can never exhaust memory.
 DEFAULT_MAX_DOC_BYTES = 8 << 20
-# Nested archives of at most this size are read whole and parsed on their own (in a worker when there are
-# workers): an OpenWebText `urlsf_subsetNN-M_data.xz` is ~0.6 MB (12 GB in ~20,600 of them). A bigger one
-# is streamed by the stage's process instead, so that no more than this is read into memory per archive.
-MAX_SHIPPED_ARCHIVE_BYTES = 32 << 20
-# A worker sends back at most this much text per archive (an OpenWebText inner archive holds ~2 MB); past
-# it (a decompression bomb, or a huge archive of small documents) the stage's process parses the archive
-# itself, streaming, so that the results waiting in memory stay bounded.
-MAX_SHIPPED_TEXT_CHARS = 64 << 20
+# An OpenWebText inner archive is ~0.6 MB (12 GB in ~20,600 of them) and a few MB decompressed: 1 GiB is
+# hundreds of times that, and still a bounded amount to read.
+DEFAULT_MAX_ARCHIVE_BYTES = 1 << 30
+# xz packs English text ~3-10x (OpenWebText: 38 GB of text in 12 GB); zeros pack 1,000x (gzip) to 300,000x
+# (bzip2). 200x leaves room for repetitive pages and stops a bomb after a small fraction of it.
+DEFAULT_MAX_EXPANSION_RATIO = 200.0
+# The ratio is judged only past this many decompressed bytes: a tar's headers and 10 KiB end padding are
+# mostly zeros, so an empty or tiny tar packs 200-500x, and reading 16 MiB costs nothing.
+_RATIO_FLOOR_BYTES = 16 << 20
+# Inner archives of at most this size are read whole and parsed on their own (in a worker when there are
+# workers): ~13 times an OpenWebText one. A bigger one is streamed by the stage's process instead. While
+# parsed in a worker, an archive waits in this process's memory too (up to 2 x workers of them at once).
+MAX_SHIPPED_ARCHIVE_BYTES = 8 << 20
+# A worker sends back at most this many bytes of text per archive (~4 times an OpenWebText inner archive's);
+# past it (a huge archive of small documents) the stage's process parses the archive itself, streaming, so
+# that the results waiting in memory stay within 2 x workers x this.
+MAX_SHIPPED_TEXT_BYTES = 8 << 20
 _ARCHIVE_SUFFIXES = (".tar", ".xz", ".txz", ".tgz", ".gz", ".bz2", ".zst", ".zstd")
-# How much of a member that starts like a compressed stream is read to see whether it holds a tar: bzip2
-# emits nothing until its first block (900 kB at most, a little more when incompressible) is whole; xz,
-# gzip and zstd (128 KiB blocks) emit sooner. Past it, the member is taken for a damaged archive.
-_PROBE_BYTES = 2 << 20
 # zstd input fed to the decompressor per step. Its densest block (RLE) turns 4 bytes into 128 KiB, so one
 # step can emit at most ~4 MiB, whatever the stream: a bomb is read in bounded pieces.
 _ZSTD_STEP = 128
+# What a decompressor's read is asked for when its caller asks for everything: the budget is judged per read.
+_READ_CHUNK = 1 << 16
 # Errors the decompressors raise for damaged or truncated data (bz2 reports damage as a bare OSError).
 _DECOMPRESSION_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error, zstandard.ZstdError)
+# Quarantine reasons that are refusals (the data may be intact) rather than damage.
+_BOMB_REASONS = frozenset({"too_large", "expansion_ratio", "too_deep"})
+FORCE_DOWNLOAD = "gptflow run --force download"
 
 
 class ExtractConfig(StageConfig):
-    """How documents are cut into shards, what to do with damaged archives and huge members, and how many
-    processes parse inner archives."""
+    """How documents are cut into shards, what to do with damaged archives, bombs and huge members, and how
+    many processes parse inner archives."""
 
     RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"workers"})
 
@@ -106,17 +147,24 @@ class ExtractConfig(StageConfig):
         ge=1,
         le=10_000_000,
         description="Documents per Parquet shard: ~50 MB of OpenWebText text (~5 KB a document), a unit of "
-        "work that the later stages process one at a time in parallel.",
+        "work that the later stages process one at a time in parallel. Memory does not depend on it.",
     )
     max_docs: int | None = Field(
         default=None,
         ge=1,
         description="Stop after this many documents (quick runs); none reads every archive to the end.",
     )
-    skip_corrupt: bool = Field(
+    max_corrupt_fraction: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="Fail the stage when more than this share of the inner archives seen were quarantined "
+        "(corrupt, or refused as bombs). 0.01: a sound OpenWebText download has none, and 1% of its ~20,600 "
+        "inner archives is already ~80,000 documents, so a broken download never quietly becomes a small corpus.",
+    )
+    strict: bool = Field(
         default=False,
-        description="Skip a truncated or corrupt inner archive, listing it under `skipped` in the metrics, "
-        "instead of failing the stage. Its documents are dropped whole.",
+        description="Fail on the first corrupt or refused inner archive instead of quarantining it.",
     )
     max_doc_bytes: int = Field(
         default=DEFAULT_MAX_DOC_BYTES,
@@ -125,6 +173,20 @@ class ExtractConfig(StageConfig):
         description="Skip, unread, a member larger than this many bytes (counted as oversized_members). 8 MiB: "
         "an OpenWebText document is ~5 KB and Gopher's longest kept one ~600 KB, so only a broken or hostile "
         "member is this large, and it cannot exhaust memory.",
+    )
+    max_archive_bytes: int = Field(
+        default=DEFAULT_MAX_ARCHIVE_BYTES,
+        ge=1 << 20,
+        description="Quarantine (too_large) an inner archive that decompresses to more than this many bytes, "
+        "nested archives included, and stop reading it there. 1 GiB: an OpenWebText inner archive is ~0.6 MB "
+        "compressed and a few MB decompressed.",
+    )
+    max_expansion_ratio: float = Field(
+        default=DEFAULT_MAX_EXPANSION_RATIO,
+        ge=1.0,
+        description="Quarantine (expansion_ratio) an inner archive that decompresses to more than this many "
+        "times its own size, and fail on a download that does; judged past the first 16 MiB only. 200: xz "
+        "packs text ~3-10x (OpenWebText: 38 GB in 12 GB), while zeros pack 1,000x and more.",
     )
     workers: int = Field(
         default=1,
@@ -139,18 +201,35 @@ class ExtractConfig(StageConfig):
 # -- format detection ------------------------------------------------------------------------------------
 
 
-class _Corrupt(Exception):
-    """Damaged data: a stream that does not decompress, or does not hold what it should (a tar)."""
+class _Damage(Exception):
+    """Data that is not what it should be: a stream that does not decompress or does not hold a tar, or one
+    refused as a bomb. `reason` is the short code the metrics record; the message is one line."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = " ".join(detail.split())
+        super().__init__(self.detail)
+
+    def inside(self, name: str) -> "_Damage":
+        """The same damage, as seen from the archive that holds the member `name`."""
+        return _Damage(self.reason, f"{name}: {self.detail}")
 
 
-class _Rejected(_Corrupt):
-    """Bytes a decompressor refuses outright, as opposed to a stream cut short (which is only `_Corrupt`):
-    in a member that merely starts like a compressed stream, the sign of a text that is no archive."""
+class _DownloadFault(Exception):
+    """A fault of the downloaded archive itself, met while an archive nested in it was being read: never
+    the nested archive's damage, which would quarantine it instead of failing the stage."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+        super().__init__(str(error))
+
+
+class _HoldFull(Exception):
+    """An inner archive parsed in a worker held more than the worker may send back."""
 
 
 class _Peekable:
-    """A read-only stream whose first bytes can be looked at without consuming them (for magic bytes), and
-    bytes just read put back (a probed member's start)."""
+    """A read-only stream whose first bytes can be looked at without consuming them (for magic bytes)."""
 
     def __init__(self, raw: Any) -> None:
         self._raw = raw
@@ -170,10 +249,6 @@ class _Peekable:
             self._head, self._pos = b"".join(parts), 0
         return self._head[self._pos : self._pos + n]
 
-    def unread(self, data: bytes) -> None:
-        """Put back `data`, just read from this stream, to be read again first."""
-        self._head, self._pos = data + self._head[self._pos :], 0
-
     def read(self, n: int | None = -1) -> bytes:
         if self._pos == len(self._head):
             return self._raw.read(n)
@@ -189,29 +264,57 @@ class _Peekable:
 
 class _Source:
     """The compressed stream under a decompressor. Remembers whether reading it failed, so that its errors
-    are never taken for damage in the data; while probing, keeps the bytes it gave, up to `keep_up_to`,
-    and then reports an end there."""
+    (a disk's, or the download's around a nested archive) are never taken for damage in the data."""
 
-    def __init__(self, raw: Any, keep_up_to: int | None = None) -> None:
+    def __init__(self, raw: Any) -> None:
         self._raw = raw
-        self.keep_up_to = keep_up_to
-        self.kept = bytearray()
         self.failed = False
 
     def read(self, n: int | None = -1) -> bytes:
-        if self.keep_up_to is not None:
-            room = self.keep_up_to - len(self.kept)
-            if room <= 0:
-                return b""
-            n = room if n is None or n < 0 else min(n, room)
         try:
-            data = self._raw.read(n)
+            return self._raw.read(n)
         except Exception:
             self.failed = True
             raise
-        if self.keep_up_to is not None:
-            self.kept += data
-        return data
+
+
+class _Guarded:
+    """The download's stream of one of its members, read by that member's own parse: whatever damage the
+    download shows is raised as _DownloadFault, so that it fails the stage instead of quarantining the member."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+
+    def read(self, n: int | None = -1) -> bytes:
+        try:
+            return self._raw.read(n)
+        except (_Damage, tarfile.TarError) as exc:
+            raise _DownloadFault(exc) from exc
+
+
+class _Budget:
+    """How many decompressed bytes one archive may produce (all its decompressors together): the smaller of
+    `max_bytes` and `max_ratio` times its own size (at least _RATIO_FLOOR_BYTES). Judged on every read, so
+    that a bomb is stopped one read past the limit, never read to its end."""
+
+    def __init__(self, compressed: int, max_ratio: float, max_bytes: int | None) -> None:
+        by_ratio = max(int(compressed * max_ratio), _RATIO_FLOOR_BYTES)
+        if max_bytes is not None and max_bytes < by_ratio:
+            self.limit = max_bytes
+            self.reason, self.detail = "too_large", f"decompresses to more than max_archive_bytes={max_bytes:,}"
+        else:
+            self.limit = by_ratio
+            self.reason = "expansion_ratio"
+            self.detail = (
+                f"decompresses to more than {by_ratio:,} bytes from {compressed:,}, "
+                f"past max_expansion_ratio={max_ratio:g}"
+            )
+        self.used = 0
+
+    def spend(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise _Damage(self.reason, self.detail)
 
 
 class _ZstdReader:
@@ -272,13 +375,14 @@ class _ZstdReader:
 
 
 class _Decoded:
-    """A decompressed stream whose damage, whatever the decompressor calls it, is raised as `_Corrupt`: a
-    stream cut short as such, data the decompressor refuses as `_Rejected`. An error of the stream underneath
-    passes unchanged."""
+    """A decompressed stream whose damage, whatever the decompressor calls it, is raised as `_Damage`
+    (truncated, or corrupt_stream), and whose output is charged to `budget`. An error of the stream
+    underneath passes unchanged."""
 
-    def __init__(self, kind: str, source: _Source) -> None:
+    def __init__(self, kind: str, source: _Source, budget: _Budget) -> None:
         self.kind = kind
         self._source = source
+        self._budget = budget
         self._file = _decompressor(kind, source)
 
     def __enter__(self) -> "_Decoded":
@@ -288,13 +392,20 @@ class _Decoded:
         self._file.__exit__(*exc)
 
     def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0:  # everything, but judged piece by piece
+            parts = []
+            while chunk := self.read(_READ_CHUNK):
+                parts.append(chunk)
+            return b"".join(parts)
         try:
-            return self._file.read(n)
+            data = self._file.read(n)
         except _DECOMPRESSION_ERRORS as exc:
             if self._source.failed:
                 raise
-            damage = _Corrupt if isinstance(exc, EOFError) else _Rejected
-            raise damage(f"{self.kind} data: {type(exc).__name__}: {exc}") from exc
+            reason = "truncated" if isinstance(exc, EOFError) else "corrupt_stream"
+            raise _Damage(reason, f"{self.kind} data: {type(exc).__name__}: {exc}") from exc
+        self._budget.spend(len(data))
+        return data
 
 
 def compression_of(head: bytes) -> str | None:
@@ -325,22 +436,64 @@ def is_tar(head: bytes) -> bool:
     return True
 
 
-def _holds_tar(body: "_Peekable", kind: str) -> bool:
-    """Whether a member that starts with `kind`'s magic bytes is a compressed tar. No when its first block
-    is no tar header, or when the decompressor refuses the bytes: ordinary text may start like a compressed
-    stream. Yes when the stream ends (or yields nothing in _PROBE_BYTES) first: an archive cut short, which
-    parsing it then reports as the member's damage. Reads at most _PROBE_BYTES and puts them back, so that
-    `body` is read from its start again."""
-    source = _Source(body, keep_up_to=_PROBE_BYTES)
+def _cut_signature(head: bytes) -> str | None:
+    """The compression whose signature `head`, all of a member, is the start of: a stream cut short."""
+    for kind, signature in _SIGNATURES:
+        if head and len(head) < len(signature) and signature.startswith(head):
+            return kind
+    return None
+
+
+def _is_utf8(data: bytes) -> bool:
     try:
-        with _Decoded(kind, source) as decoded:
-            return is_tar(_Peekable(decoded).peek(_BLOCK))
-    except _Corrupt as exc:
-        if source.failed:  # the archive around the member is damaged, not the member
-            raise
-        return not isinstance(exc, _Rejected)
-    finally:
-        body.unread(bytes(source.kept))
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _archive_suffix(name: str) -> str | None:
+    lower = name.lower()
+    return next((suffix for suffix in _ARCHIVE_SUFFIXES if lower.endswith(suffix)), None)
+
+
+def looks_like_archive(name: str, head: bytes) -> bool:
+    """Whether the member `name`, starting with `head` (its first 512 bytes, or all of it), is to be read
+    as an archive: a tar header, a compressed stream's signature or the start of a binary one cut short (no
+    text can start with xz's, gzip's or zstd's magic: none is valid UTF-8), or a name that says so. Reading
+    it then tells whether it is one; if not, it is corrupt, never a document."""
+    if is_tar(head) or compression_of(head) is not None:
+        return True
+    cut = _cut_signature(head)
+    if cut is not None and cut != "bzip2" and not _is_utf8(head):
+        return True
+    return _archive_suffix(name) is not None
+
+
+def _unreadable(name: str, head: bytes) -> _Damage | None:
+    """Why a member read as an archive cannot be one, known from its first bytes alone; None when it may be."""
+    if is_tar(head) or compression_of(head) is not None:
+        return None
+    if not head:
+        return _Damage("truncated", "empty, though named like an archive")
+    cut = _cut_signature(head)
+    if cut is not None:
+        return _Damage("truncated", f"{len(head)} byte(s) in all: the start of the {cut} signature, cut short")
+    suffix = _archive_suffix(name)
+    if suffix is not None and suffix != ".tar":
+        return _Damage(
+            "corrupt_stream", f"named {suffix}, but starts with {head[:8].hex()}: no xz, gzip, bzip2 or zstd stream"
+        )
+    return None  # reading it says not_a_tar
+
+
+def _as_damage(exc: BaseException) -> _Damage:
+    """A tar reader's error as damage: its messages are the only way to tell a cut from a garbled header."""
+    if isinstance(exc, _Damage):
+        return exc
+    text = str(exc)
+    cut = any(words in text for words in ("unexpected end of data", "empty file", "truncated header"))
+    return _Damage("truncated" if cut else "corrupt_tar", f"tar: {type(exc).__name__}: {text}")
 
 
 def _decompressor(kind: str, stream: Any) -> Any:
@@ -390,7 +543,8 @@ class ExtractStats:
     unsafe_member_names: list[str] = field(default_factory=list)
     oversized_members: int = 0
     oversized_member_names: list[str] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    quarantined_archives: int = 0
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
     containers: set[str] = field(default_factory=set)  # doc_id prefixes in use, kept unique
 
 
@@ -402,8 +556,8 @@ def _printable(name: str) -> str:
 def archive_stem(name: str) -> str:
     """`urlsf_subset00-1_data.xz` -> `urlsf_subset00-1_data`; `docs.tar.gz` -> `docs`."""
     stem = PurePosixPath(name).name
-    while (lower := stem.lower()).endswith(_ARCHIVE_SUFFIXES):
-        stem = stem[: len(stem) - len(next(s for s in _ARCHIVE_SUFFIXES if lower.endswith(s)))]
+    while (suffix := _archive_suffix(stem)) is not None:
+        stem = stem[: len(stem) - len(suffix)]
     return stem or "archive"
 
 
@@ -438,7 +592,7 @@ def decode_text(data: bytes) -> tuple[str, bool]:
 
 
 # -- parsing: an archive stream -> events ----------------------------------------------------------------
-# Parsing describes what it finds as a sequence of events and knows nothing of other archives, so a nested
+# Parsing describes what it finds as a sequence of events and knows nothing of other archives, so an inner
 # archive can be parsed in another process. One collector in the stage's process applies the events in the
 # order the archive holds them: it names containers uniquely across the whole run, counts, and builds the
 # documents. The output (doc_ids and metrics included) therefore does not depend on where parsing ran.
@@ -466,22 +620,69 @@ class _Note(NamedTuple):
     name: str
 
 
-class _Skip(NamedTuple):
-    """A damaged archive dropped under `skip_corrupt`: its row of the metrics' `skipped`."""
+class _Quarantine(NamedTuple):
+    """An inner archive left out whole: its row of the metrics' `quarantined`."""
 
     entry: dict[str, Any]
 
 
 class _Ship(NamedTuple):
-    """A nested archive small enough to be read whole and parsed on its own by `parse_inner_archive`."""
+    """An inner archive small enough to be read whole and parsed on its own by `parse_inner_archive`."""
 
     data: bytes
-    member: str  # as error messages name it: "outer member > inner member"
-    stem: str
-    depth: int
+    name: str  # its name in the download
+    label: str  # as messages and the metrics name it (the same, for a member of the download)
 
 
-_Event = _Open | _Doc | _Note | _Skip | _Ship
+_Event = _Open | _Doc | _Note | _Quarantine | _Ship
+_HELD_EVENTS: dict[str, type] = {cls.__name__: cls for cls in (_Open, _Doc, _Note)}
+
+
+def _held_bytes(event: _Event) -> int:
+    if isinstance(event, _Doc):
+        return event.n_bytes + len(event.key) + len(event.member)
+    return sum(len(value) for value in event if isinstance(value, str))
+
+
+class _Held:
+    """The events of one inner archive, waiting until it has been read to its end intact: up to `limit`
+    bytes of them in memory, the rest (in order) in an anonymous temporary file in `spill_dir`; with no
+    `spill_dir` (a worker), _HoldFull instead. Our own events, written as JSON lines, read back once."""
+
+    def __init__(self, limit: int, spill_dir: Path | None) -> None:
+        self.limit = limit
+        self.spill_dir = spill_dir
+        self.events: deque[_Event] = deque()
+        self.bytes = 0
+        self.file: IO[bytes] | None = None
+
+    def add(self, event: _Event) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps([type(event).__name__, *event], ensure_ascii=False).encode("utf-8") + b"\n")
+            return
+        self.events.append(event)
+        self.bytes += _held_bytes(event)
+        if self.bytes > self.limit:
+            if self.spill_dir is None:
+                raise _HoldFull
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self.file = tempfile.TemporaryFile(dir=self.spill_dir)
+
+    def release(self) -> Iterator[_Event]:
+        """The events in the order they came, each let go as it is handed on."""
+        while self.events:
+            yield self.events.popleft()
+        if self.file is not None:
+            self.file.seek(0)
+            for line in self.file:
+                kind, *values = json.loads(line)
+                yield _HELD_EVENTS[kind](*values)
+
+    def close(self) -> None:
+        self.events.clear()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 @dataclass(frozen=True)
@@ -489,126 +690,186 @@ class ParseOptions:
     """What parsing needs to know; picklable, so that a worker process parses exactly as the stage would."""
 
     source: str  # the downloaded archive's file name, which messages and the `source` column carry
-    skip_corrupt: bool = False
-    hold_docs: int = 10_000
     max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES
-    # Nested archives of at most this many bytes are read whole and handed on as `_Ship` events; None: none.
+    max_archive_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES
+    max_expansion_ratio: float = DEFAULT_MAX_EXPANSION_RATIO
+    # Inner archives of at most this many bytes are read whole and handed on as `_Ship` events; None: none.
     ship_up_to: int | None = None
 
 
 class _Parser:
     """Parses one archive stream, and the archives nested in it, into events.
 
-    The documents of a tar are held back until the tar has been read to its end intact, so that with
-    `skip_corrupt` a damaged archive is dropped whole; past `hold_docs` documents they are let go early
-    (bounded memory), and a later fault can then drop only the rest.
+    The download is parsed as it streams: damage in it fails the stage (DataIntegrityError), so none of it
+    is held back. Each inner archive (a member of the download read as an archive) is the unit of
+    quarantine: its events are held (see `_Held`, at most `hold_bytes` in memory) until it has been read to
+    its end intact, archives nested in it included, and then let go; when anything in it is damaged or it
+    passes its budget, they are dropped whole and one `_Quarantine` says why.
     """
 
-    def __init__(self, options: ParseOptions) -> None:
+    def __init__(
+        self, options: ParseOptions, hold_bytes: int, spill_dir: Path | None, download_version: str | None = None
+    ) -> None:
         self.options = options
+        self.hold_bytes = hold_bytes
+        self.spill_dir = spill_dir
+        self.download_version = download_version
         self.containers = 0
 
-    def tar(self, stream: _Peekable, member: str, stem: str, depth: int) -> Iterator[_Event]:
+    def download(self, stream: _Peekable, size: int) -> Iterator[_Event]:
+        """The events of the downloaded archive, `size` bytes, read from `stream`."""
         opts = self.options
-        where = f"{opts.source}: {member}" if member else opts.source
+        budget = _Budget(size, opts.max_expansion_ratio, None)
+        try:
+            yield from self._tar(stream, opts.source, "", archive_stem(opts.source), 0, budget)
+        except (_DownloadFault, _Damage, tarfile.TarError) as exc:
+            cause = exc.error if isinstance(exc, _DownloadFault) else exc
+            damage = _as_damage(cause)
+            if damage.reason in _BOMB_REASONS:
+                message = self.download_failure(
+                    f"refused as a decompression bomb ({damage.detail})",
+                    "raise extract.max_expansion_ratio if it is genuine",
+                )
+            else:
+                message = self.download_failure(f"truncated or corrupt archive ({damage.detail})")
+            raise DataIntegrityError(message) from cause
+
+    def download_failure(self, what: str, fix: str = f"fetch it again with `{FORCE_DOWNLOAD}`") -> str:
+        """The one line that fails the stage for the download itself: what is wrong, where it came from, and
+        what to do (the download stage fetches its version again in place)."""
+        came_from = f"; it came from download version {self.download_version}" if self.download_version else ""
+        return f"{self.options.source}: {what}{came_from}: {fix}"
+
+    def inner(self, stream: _Peekable, name: str, label: str, size: int) -> Iterator[_Event]:
+        """The events of one inner archive, `size` bytes: its _Open, then either all the rest once it has
+        been read to its end intact, or one _Quarantine."""
+        opts = self.options
+        mark = self.containers
+        budget = _Budget(size, opts.max_expansion_ratio, opts.max_archive_bytes)
+        events = self._tar(stream, name, label, archive_stem(name), 1, budget)
+        held = _Held(self.hold_bytes, self.spill_dir)
+        try:
+            # Its container name is taken whatever follows, so that no other doc_id depends on its damage.
+            yield next(events)
+            try:
+                for event in events:
+                    held.add(event)
+            except (_Damage, tarfile.TarError) as exc:
+                self.containers = mark + 1  # the archives nested in it were never announced
+                damage = _as_damage(exc)
+                entry = {"archive": opts.source, "member": label, "reason": damage.reason, "detail": damage.detail}
+                yield _Quarantine({**entry, "bytes": size})
+                return
+            yield from held.release()
+        finally:
+            held.close()
+            events.close()
+
+    def _tar(
+        self, stream: _Peekable, name: str, label: str, stem: str, depth: int, budget: _Budget
+    ) -> Iterator[_Event]:
+        opts = self.options
         container = self.containers
         self.containers += 1
         yield _Open(stem)
         used: set[str] = set()
-        held: list[_Doc] = []
-        released = 0
+        with ExitStack() as stack:
+            head = stream.peek(_BLOCK)
+            if (damage := _unreadable(name, head)) is not None:
+                raise damage
+            kind = compression_of(head)
+            if kind is not None:
+                stream = _Peekable(stack.enter_context(_Decoded(kind, _Source(stream), budget)))
+                head = stream.peek(_BLOCK)
+            if not is_tar(head):
+                what = f"the {kind} stream holds no tar archive" if kind else "not a tar archive"
+                raise _Damage("not_a_tar", f"{what}; it starts with {head[:8].hex() or 'nothing'}")
+            tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedTarInfo))
+            while (info := tar.next()) is not None:
+                tar.members.clear()  # stream mode would keep every header read: memory growing per member
+                member = _printable(info.name)
+                if not info.isreg():
+                    yield _Note("non_file", member)
+                    continue
+                if _is_unsafe(member):
+                    yield _Note("unsafe", member)
+                body = _Peekable(tar.extractfile(info))
+                if looks_like_archive(member, body.peek(_BLOCK)):
+                    yield from self._nested(body, member, label, info.size, depth, budget)
+                    continue
+                # Judged by the header's size, before reading: the tar stream skips an unread member's
+                # data block by block, so a huge member never has to fit in memory.
+                if info.size > opts.max_doc_bytes:
+                    yield _Note("oversized", member)
+                    continue
+                data = body.read()
+                if not data:
+                    yield _Note("empty", member)
+                    continue
+                text, invalid = decode_text(data)
+                n_bytes = len(text.encode("utf-8")) if invalid else len(data)
+                yield _Doc(container, _unique(_member_key(member), used), text, member, n_bytes, invalid)
+            if (bad_end := getattr(tar, "bad_end", None)) is not None:
+                reason = "corrupt_tar" if isinstance(bad_end, tarfile.InvalidHeaderError) else "truncated"
+                raise _Damage(reason, f"the tar ends without its end-of-archive blocks ({bad_end})")
+            # Read past the tar's end to the end of the stream, so that the decompressor checks the
+            # stream's own end marker and checksum: a cut in the trailing padding is damage too.
+            while stream.read(1 << 16):
+                pass
+
+    def _nested(
+        self, body: _Peekable, name: str, label: str, size: int, depth: int, budget: _Budget
+    ) -> Iterator[_Event]:
+        """A member read as an archive: at depth 0 an inner archive (shipped whole, or parsed here as the
+        unit of quarantine), deeper a part of the inner archive that holds it, sharing its budget."""
+        yield _Note("inner_archive", name)
+        if depth == 0:
+            ship_up_to = self.options.ship_up_to
+            if ship_up_to is not None and size <= ship_up_to:
+                yield _Ship(body.read(), name, name)
+            else:
+                yield from self.inner(_Peekable(_Guarded(body)), name, name, size)
+            return
         try:
-            with ExitStack() as stack:
-                kind = compression_of(stream.peek(_BLOCK))
-                if kind is not None:
-                    stream = _Peekable(stack.enter_context(_Decoded(kind, _Source(stream))))
-                if not is_tar(stream.peek(_BLOCK)):
-                    raise _Corrupt(f"the {kind or 'plain'} stream does not hold a tar archive")
-                tar = stack.enter_context(tarfile.open(fileobj=stream, mode="r|", tarinfo=_CheckedTarInfo))
-                for info in tar:
-                    name = _printable(info.name)
-                    if not info.isreg():
-                        yield _Note("non_file", name)
-                        continue
-                    if _is_unsafe(name):
-                        yield _Note("unsafe", name)
-                    body = _Peekable(tar.extractfile(info))
-                    head = body.peek(_BLOCK)
-                    packed = compression_of(head)
-                    # A container by what it holds, not by its first bytes alone: a text that starts like
-                    # a compressed stream but is none, or holds no tar, is a document like any other.
-                    if is_tar(head) or (packed is not None and _holds_tar(body, packed)):
-                        if depth + 1 > MAX_NESTING:
-                            raise _Corrupt(f"{name} nests archives more than {MAX_NESTING} deep")
-                        yield _Note("inner_archive", name)
-                        label = f"{member} > {name}" if member else name
-                        if opts.ship_up_to is not None and info.size <= opts.ship_up_to:
-                            yield _Ship(body.read(), label, archive_stem(name), depth + 1)
-                        else:
-                            yield from self.tar(body, label, archive_stem(name), depth + 1)
-                        continue
-                    # Judged by the header's size, before reading: the tar stream skips an unread member's
-                    # data block by block, so a huge member never has to fit in memory.
-                    if info.size > opts.max_doc_bytes:
-                        yield _Note("oversized", name)
-                        continue
-                    data = body.read()
-                    if not data:
-                        yield _Note("empty", name)
-                        continue
-                    text, invalid = decode_text(data)
-                    n_bytes = len(text.encode("utf-8")) if invalid else len(data)
-                    held.append(_Doc(container, _unique(_member_key(name), used), text, name, n_bytes, invalid))
-                    if len(held) >= opts.hold_docs:
-                        released += len(held)
-                        yield from held
-                        held.clear()
-                if (bad_end := getattr(tar, "bad_end", None)) is not None:
-                    raise _Corrupt(f"archive ends without its end-of-archive blocks ({bad_end})")
-                # Read past the tar's end to the end of the stream, so that the decompressor checks the
-                # stream's own end marker and checksum: a cut in the trailing padding is damage too.
-                while stream.read(1 << 16):
-                    pass
-            yield from held
-        except (tarfile.TarError, _Corrupt) as exc:
-            reason = str(exc) if isinstance(exc, _Corrupt) else f"{type(exc).__name__}: {exc}"
-            reason = " ".join(reason.split())
-            if not opts.skip_corrupt:
-                raise DataIntegrityError(f"{where}: truncated or corrupt archive ({reason})") from exc
-            entry = {"archive": opts.source, "member": member, "error": reason}
-            yield _Skip({**entry, "docs_dropped": len(held), "docs_kept": released})
+            if depth + 1 > MAX_NESTING:
+                raise _Damage("too_deep", f"nests archives more than {MAX_NESTING} deep")
+            yield from self._tar(body, name, f"{label} > {name}", archive_stem(name), depth + 1, budget)
+        except (_Damage, tarfile.TarError) as exc:
+            raise _as_damage(exc).inside(name) from exc
 
 
-def parse_inner_archive(data: bytes, member: str, stem: str, depth: int, options: ParseOptions) -> Iterator[_Event]:
-    """The events of one nested archive read whole into `data` (an OpenWebText `urlsf_subsetNN-M_data.xz`):
-    the one way such an archive is parsed, in the stage's process or in a worker. Archives nested inside it
-    are streamed here too, never handed on again."""
-    parser = _Parser(replace(options, ship_up_to=None))
-    return parser.tar(_Peekable(io.BytesIO(data)), member, stem, depth)
+def parse_inner_archive(
+    ship: _Ship, options: ParseOptions, hold_bytes: int, spill_dir: Path | None
+) -> Iterator[_Event]:
+    """The events of one inner archive read whole (an OpenWebText `urlsf_subsetNN-M_data.xz`): the one way
+    such an archive is parsed, in the stage's process or in a worker."""
+    parser = _Parser(options, hold_bytes, spill_dir)
+    return parser.inner(_Peekable(io.BytesIO(ship.data)), ship.name, ship.label, len(ship.data))
 
 
-def _parse_inner_archive_job(ship: _Ship, options: ParseOptions, max_text_chars: int) -> list[_Event] | None:
-    """`parse_inner_archive` in a worker process. Returns None past `max_text_chars` characters of text
-    (a decompression bomb, or a huge archive of small documents): the stage's process then parses the
-    archive itself, streaming, so that no result sent back can exhaust memory."""
-    events: list[_Event] = []
-    text_chars = 0
-    for event in parse_inner_archive(ship.data, ship.member, ship.stem, ship.depth, options):
-        if isinstance(event, _Doc):
-            text_chars += len(event.text)
-            if text_chars > max_text_chars:
-                return None
-        events.append(event)
-    return events
+def _parse_inner_archive_job(ship: _Ship, options: ParseOptions, max_text_bytes: int) -> list[_Event] | None:
+    """`parse_inner_archive` in a worker process. Returns None past `max_text_bytes` held: the stage's
+    process then parses the archive itself, streaming, so that no result sent back can exhaust memory."""
+    try:
+        return list(parse_inner_archive(ship, options, max_text_bytes, None))
+    except _HoldFull:
+        return None
+
+
+def quarantine_message(entry: dict[str, Any]) -> str:
+    """One line for a quarantined inner archive: where it is, and what is wrong with it."""
+    what = "refused as a decompression bomb" if entry["reason"] in _BOMB_REASONS else "truncated or corrupt archive"
+    return f"{entry['archive']}: {entry['member']}: {what} ({entry['detail']})"
 
 
 class _Collector:
     """Applies events in archive order: unique container names, counts, and the documents themselves."""
 
-    def __init__(self, source: str, stats: ExtractStats, log: Any) -> None:
+    def __init__(self, source: str, stats: ExtractStats, log: Any, strict: bool) -> None:
         self.source = source
         self.stats = stats
         self.log = log
+        self.strict = strict
 
     def apply(self, events: Iterable[_Event], names: list[str]) -> Iterator[Document]:
         """`names` holds the container names of the parse that made `events`, in the order it opened them."""
@@ -633,14 +894,14 @@ class _Collector:
                     stats.oversized_members += 1
                     if _list_name(stats.oversized_member_names, event.name):
                         self.log.warning("%s: %s: skipped, larger than max_doc_bytes", self.source, event.name)
-                case _Skip(entry=entry):
-                    stats.skipped.append(entry)
-                    where = f"{self.source}: {entry['member']}" if entry["member"] else self.source
+                case _Quarantine(entry=entry):
+                    if self.strict:
+                        raise DataIntegrityError(quarantine_message(entry))
+                    stats.quarantined_archives += 1
+                    if len(stats.quarantined) < _MAX_LISTED_QUARANTINED:
+                        stats.quarantined.append(entry)
                     self.log.warning(
-                        "%s: skipped, truncated or corrupt (%s); %d documents dropped",
-                        where,
-                        entry["error"],
-                        entry["docs_dropped"],
+                        "%s [%s]; quarantined, its documents left out", quarantine_message(entry), entry["reason"]
                     )
                 case _:
                     raise TypeError(f"unexpected parse event {type(event).__name__}")
@@ -672,35 +933,42 @@ def _ready(events: list[_Event]) -> Future[list[_Event] | None]:
 class _Walker:
     """Walks one downloaded archive and yields its documents in archive order.
 
-    With a process pool, each nested archive of at most MAX_SHIPPED_ARCHIVE_BYTES is read here (the
-    archive itself is read once, in order, by this process) and parsed in a worker; results are taken in
+    With a process pool, each inner archive of at most MAX_SHIPPED_ARCHIVE_BYTES is read here (the
+    download itself is read once, in order, by this process) and parsed in a worker; results are taken in
     the order they were submitted, with at most `in_flight` entries waiting, so memory holds a few inner
     archives, never the whole download.
     """
 
     def __init__(
-        self, path: Path, options: ParseOptions, stats: ExtractStats, log: Any, pool: Executor | None, in_flight: int
+        self,
+        path: Path,
+        options: ParseOptions,
+        collector: _Collector,
+        pool: Executor | None,
+        in_flight: int,
+        spill_dir: Path,
+        download_version: str | None,
     ) -> None:
         self.path = path
         self.options = options
-        self.collector = _Collector(options.source, stats, log)
+        self.collector = collector
         self.pool = pool
         self.in_flight = in_flight
+        self.spill_dir = spill_dir
+        self.download_version = download_version
 
     def documents(self) -> Iterator[Document]:
-        source = self.options.source
-        if self.path.stat().st_size == 0:
-            raise DataIntegrityError(f"{source}: empty file, not an archive")
+        parser = _Parser(self.options, HOLD_BYTES, self.spill_dir, self.download_version)
+        size = self.path.stat().st_size
+        if size == 0:
+            raise DataIntegrityError(parser.download_failure("empty file, not an archive"))
         with open(self.path, "rb") as raw:
             stream = _Peekable(raw)
             head = stream.peek(_BLOCK)
             if compression_of(head) is None and not is_tar(head):
-                raise DataIntegrityError(
-                    f"{source}: unknown archive format (first bytes {head[:8].hex()}); "
-                    "expected xz, gzip, bzip2, zstd or tar"
-                )
-            parser = _Parser(self.options)
-            with closing(parser.tar(stream, member="", stem=archive_stem(source), depth=0)) as events:
+                what = f"unknown archive format (first bytes {head[:8].hex()}); expected xz, gzip, bzip2, zstd or tar"
+                raise DataIntegrityError(parser.download_failure(what))
+            with closing(parser.download(stream, size)) as events:
                 yield from self._in_order(events)
 
     def _in_order(self, events: Iterator[_Event]) -> Iterator[Document]:
@@ -720,8 +988,7 @@ class _Walker:
                 if isinstance(event, _Ship) and self.pool is None:
                     yield from self._parse_here(event)
                 elif isinstance(event, _Ship):
-                    limit = MAX_SHIPPED_TEXT_CHARS
-                    future = self.pool.submit(_parse_inner_archive_job, event, self.options, limit)
+                    future = self.pool.submit(_parse_inner_archive_job, event, self.options, MAX_SHIPPED_TEXT_BYTES)
                     queue.append(_Queued([], future, event))
                 elif queue:
                     queue.append(_Queued(names, _ready([event]), None))
@@ -743,37 +1010,41 @@ class _Walker:
             yield from self.collector.apply(events, entry.names)
 
     def _parse_here(self, ship: _Ship) -> Iterator[Document]:
-        events = parse_inner_archive(ship.data, ship.member, ship.stem, ship.depth, self.options)
-        return self.collector.apply(events, [])
+        events = parse_inner_archive(ship, self.options, HOLD_BYTES, self.spill_dir)
+        with closing(events):
+            yield from self.collector.apply(events, [])
 
 
 def iter_archive_documents(
     path: Path,
+    cfg: ExtractConfig | None = None,
     *,
-    skip_corrupt: bool = False,
-    hold_docs: int = 10_000,
-    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
     stats: ExtractStats | None = None,
     log: Any = None,
     pool: Executor | None = None,
     in_flight: int = 2,
+    spill_dir: Path | None = None,
+    download_version: str | None = None,
 ) -> Iterator[Document]:
-    """Every document in the archive at `path`, streaming, in archive order; see `_Parser` for `hold_docs`.
+    """Every document in the archive at `path`, streaming, in archive order, parsed as `cfg` says.
 
-    With `pool` (a process pool), nested archives are parsed in its workers, `in_flight` at most waiting;
-    the documents and `stats` are the same as without one.
+    With `pool` (a process pool), inner archives are parsed in its workers, `in_flight` at most waiting;
+    the documents and `stats` are the same as without one. Inner archives too big to hold in memory until
+    they are known intact wait in `spill_dir` (default: the system's temporary folder). Failures of the
+    download itself name `download_version` where given.
     """
+    cfg = cfg or ExtractConfig()
     options = ParseOptions(
         source=Path(path).name,
-        skip_corrupt=skip_corrupt,
-        hold_docs=hold_docs,
-        max_doc_bytes=max_doc_bytes,
+        max_doc_bytes=cfg.max_doc_bytes,
+        max_archive_bytes=cfg.max_archive_bytes,
+        max_expansion_ratio=cfg.max_expansion_ratio,
         ship_up_to=MAX_SHIPPED_ARCHIVE_BYTES,
     )
-    walker = _Walker(
-        Path(path), options, stats or ExtractStats(), log or logging.getLogger("gptflow.extract"), pool, in_flight
-    )
-    return walker.documents()
+    log = log or logging.getLogger("gptflow.extract")
+    collector = _Collector(options.source, stats or ExtractStats(), log, cfg.strict)
+    spill = Path(spill_dir) if spill_dir is not None else Path(tempfile.gettempdir())
+    return _Walker(Path(path), options, collector, pool, in_flight, spill, download_version).documents()
 
 
 # -- shards ----------------------------------------------------------------------------------------------
@@ -781,22 +1052,26 @@ def iter_archive_documents(
 
 class ShardWriter:
     """Writes documents to `shard-00000.parquet`, ... with at most `shard_docs` rows each; holds one row
-    group at most in memory."""
+    group at most in memory, of at most `row_group_bytes` of text (or _ROW_GROUP_DOCS rows) and one document."""
 
-    def __init__(self, folder: Path, shard_docs: int) -> None:
+    def __init__(self, folder: Path, shard_docs: int, row_group_bytes: int = ROW_GROUP_BYTES) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard_docs = shard_docs
+        self.row_group_bytes = row_group_bytes
         self.shards = 0
         self._writer: pq.ParquetWriter | None = None
         self._in_shard = 0
         self._rows: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+        self._bytes = 0
 
     def add(self, doc: Document) -> None:
         for name in SCHEMA.names:
             self._rows[name].append(getattr(doc, name))
         self._in_shard += 1
-        if len(self._rows["doc_id"]) >= _ROW_GROUP_DOCS or self._in_shard >= self.shard_docs:
+        self._bytes += doc.n_bytes
+        full = len(self._rows["doc_id"]) >= _ROW_GROUP_DOCS or self._bytes >= self.row_group_bytes
+        if full or self._in_shard >= self.shard_docs:
             self._flush()
         if self._in_shard >= self.shard_docs:
             self._close_shard()
@@ -808,8 +1083,10 @@ class ShardWriter:
             path = self.folder / f"shard-{self.shards:05d}.parquet"
             self._writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
             self.shards += 1
-        self._writer.write_table(pa.Table.from_pydict(self._rows, schema=SCHEMA))
-        self._rows = {name: [] for name in SCHEMA.names}
+        table = pa.Table.from_pydict(self._rows, schema=SCHEMA)
+        self._rows = {name: [] for name in SCHEMA.names}  # the table holds the rows now: let the lists go
+        self._bytes = 0
+        self._writer.write_table(table)
 
     def _close_shard(self) -> None:
         if self._writer is not None:
@@ -833,24 +1110,25 @@ def build(ctx: StageContext, cfg: ExtractConfig) -> dict[str, Any]:
     if not archives:
         raise DataIntegrityError(f"{folder}: no archives to extract")
     ctx.log.info("extracting %d archive(s) with %d worker(s)", len(archives), cfg.workers)
+    download_version = ctx.inputs["download"]
     stats = ExtractStats()
-    writer = ShardWriter(ctx.out / DOCS, cfg.shard_docs)
+    writer = ShardWriter(ctx.out / DOCS, cfg.shard_docs, ROW_GROUP_BYTES)
     docs = n_bytes = invalid_utf8 = 0
     reached_max = False
     # How many inner archives there are is known only once the downloads are read: size the pool by workers.
     with process_pool(cfg.workers, jobs=cfg.workers) as pool:
         for path in archives:
             found = 0
-            skipped_before = len(stats.skipped)
+            quarantined_before = stats.quarantined_archives
             documents = iter_archive_documents(
                 path,
-                skip_corrupt=cfg.skip_corrupt,
-                hold_docs=cfg.shard_docs,
-                max_doc_bytes=cfg.max_doc_bytes,
+                cfg,
                 stats=stats,
                 log=ctx.log,
                 pool=pool,
                 in_flight=2 * cfg.workers,
+                spill_dir=ctx.work,
+                download_version=download_version,
             )
             with closing(documents):
                 for doc in documents:
@@ -866,9 +1144,17 @@ def build(ctx: StageContext, cfg: ExtractConfig) -> dict[str, Any]:
             if reached_max:
                 ctx.log.info("stopped at max_docs=%d", cfg.max_docs)
                 break
-            if found == 0 and len(stats.skipped) == skipped_before:
+            if found == 0 and stats.quarantined_archives == quarantined_before:
                 raise DataIntegrityError(f"{path.name}: the archive holds no documents")
     shards = writer.close()
+    corrupt_fraction = stats.quarantined_archives / stats.inner_archives if stats.inner_archives else 0.0
+    if corrupt_fraction > cfg.max_corrupt_fraction:
+        raise DataIntegrityError(
+            f"{stats.quarantined_archives} of {stats.inner_archives} inner archives were corrupt or refused "
+            f"({corrupt_fraction:.1%}, more than max_corrupt_fraction={cfg.max_corrupt_fraction:g}); the first: "
+            f"{quarantine_message(stats.quarantined[0])}; if the download {download_version} is damaged, "
+            f"fetch it again with `{FORCE_DOWNLOAD}`"
+        )
     if docs == 0:
         raise DataIntegrityError(f"{folder}: no documents in {', '.join(p.name for p in archives)}")
     if stats.oversized_members:
@@ -880,7 +1166,9 @@ def build(ctx: StageContext, cfg: ExtractConfig) -> dict[str, Any]:
         "archives": len(archives),
         "inner_archives": stats.inner_archives,
         "invalid_utf8_docs": invalid_utf8,
-        "skipped": stats.skipped,
+        "quarantined_archives": stats.quarantined_archives,
+        "corrupt_fraction": corrupt_fraction,
+        "quarantined": stats.quarantined,
         "empty_members": stats.empty_members,
         "non_file_members": stats.non_file_members,
         "unsafe_members": stats.unsafe_members,
@@ -891,5 +1179,12 @@ def build(ctx: StageContext, cfg: ExtractConfig) -> dict[str, Any]:
     }
 
 
-STAGE = Stage(name="extract", module=__name__, config=ExtractConfig, build=build, inputs=("download",))
+STAGE = Stage(
+    name="extract",
+    module=__name__,
+    config=ExtractConfig,
+    build=build,
+    inputs=("download",),
+    libraries=("pyarrow", "zstandard", "python"),
+)
 extract_task = stage_task(STAGE)
