@@ -458,6 +458,7 @@ def outer_with_damaged_bzip2() -> bytes:
     )
 
 
+@pytest.mark.slow  # worker processes: seconds to spawn
 def test_a_damaged_inner_bzip2_archive_is_named_and_quarantined_with_any_worker_count(tmp_path):
     files = {"urlsf_subset00.tar": outer_with_damaged_bzip2()}
     messages = {}
@@ -620,6 +621,7 @@ def outer_with_damage(corrupt: tuple[int, ...], count: int = 8) -> bytes:
     return tar_bytes(members)
 
 
+@pytest.mark.slow  # worker processes: seconds to spawn
 def test_a_truncated_inner_archive_fails_the_same_with_workers(tmp_path):
     messages = {}
     # the first corrupt one (strict), or the share of them past max_corrupt_fraction
@@ -637,6 +639,7 @@ def test_a_truncated_inner_archive_fails_the_same_with_workers(tmp_path):
     assert messages[False, 1].startswith("2 of 8 inner archives were corrupt or refused (25.0%")
 
 
+@pytest.mark.slow  # worker processes: seconds to spawn
 def test_a_damaged_inner_archive_is_reported_before_a_later_cut_in_the_download(tmp_path):
     whole = outer_with_damage((1,))
     cut = tarfile.open(fileobj=io.BytesIO(whole)).getmembers()[3].offset_data + 100  # inside the fourth
