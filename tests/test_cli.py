@@ -119,3 +119,17 @@ def test_sample_data_writes_the_openwebtext_archive(tmp_path):
     archive = tmp_path / "out" / "openwebtext.tar.xz"
     assert result.stdout.strip() == str(archive)
     assert archive.read_bytes()[:6] == b"\xfd7zXZ\x00"  # xz magic
+
+
+def test_storage_ls_runs_shows_a_killed_run_as_dead(tmp_path, capsys):
+    import socket
+
+    store = Store(tmp_path / "store")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    base = {"status": "running", "host": socket.gethostname(), "stages": {}}
+    store.write_run("killed", {**base, "run_id": "killed", "started_at": "2026-01-01", "pid": int(gone.stdout)})
+    store.write_run("alive", {**base, "run_id": "alive", "started_at": "2026-01-02", "pid": os.getpid()})
+    assert main(["storage", "--storage", str(store.root), "ls", "runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["killed", "alive"]
+    assert lines[0].split()[2] == "dead" and lines[1].split()[2] == "running"

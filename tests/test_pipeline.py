@@ -269,3 +269,25 @@ def test_a_ui_run_refuses_usage_mistakes_before_any_stage(prefect_harness, corpu
     with pytest.raises(ConfigError, match="is a folder, not a file"):
         pipeline(storage=str(storage), sources=[str(tmp_path)])
     assert not storage.exists()  # no stage ran, no run record was written
+
+
+def test_verify_rebuilds_a_version_whose_bytes_changed_but_not_its_size(first_run, corpus):
+    storage, _ = first_run
+    store = Store(storage)
+    version = store.latest("tokens")
+    meta = store.path("tokens", version) / "meta.json"
+    original = meta.read_bytes()
+    meta.write_bytes(original.replace(b'"', b"'", 1) if b'"' in original else original)  # same size
+    record = pipeline(
+        storage=str(storage), sources=[str(corpus)], config=config(), selection=StageSelection(until="tokens")
+    )
+    assert statuses(record)["tokens"] == "cached"  # names and sizes still match: without --verify, reused
+    record = pipeline(
+        storage=str(storage),
+        sources=[str(corpus)],
+        config=config(),
+        selection=StageSelection(until="tokens"),
+        verify=True,
+    )
+    assert statuses(record)["tokens"] == "ran" and record["stages"]["tokens"]["version"] == version
+    assert meta.read_bytes() == original and store.damage("tokens", version, verify=True) is None
