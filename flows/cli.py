@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and sizes are checked)",
     )
 
+    run.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="run the data stages' per-shard tasks on the Dask cluster whose scheduler is at ADDRESS "
+        "(e.g. tcp://10.0.0.5:8786); its workers need the same store path and Prefect API",
+    )
+
     sample = sub.add_parser("sample-data", help="write the embedded default corpus as an OpenWebText archive")
     sample.add_argument("dir", type=Path)
 
@@ -150,6 +157,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config=overrides or None,
         selection=selection,
         verify=args.verify,
+        dask=args.dask,
     )
     print_run(record)
     return 0

@@ -74,6 +74,9 @@ class PipelineConfig(BaseModel):
         return getattr(self, stage)
 
 
+# The published web-text thresholds (Gopher, C4, FineWeb): what the presets for real web text clean with.
+WEB_CLEAN = CleanConfig.web().model_dump(mode="json", exclude_defaults=True)
+
 # Each preset is a set of overrides on the stages' defaults, so that a default changed in a stage module is
 # picked up by every preset that does not pin it.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -105,7 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "small": {
         "extract": {"shard_docs": 20_000, "workers": 8},
-        "clean": {"workers": 8},
+        "clean": {**WEB_CLEAN, "workers": 8},
         "dedup": {"workers": 8},
         "tokenizer": {"kind": "bpe", "vocab_size": 16_384, "max_train_docs": 500_000},
         "pretrain": {
@@ -134,7 +137,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # nanoGPT's GPT-2 (124M) recipe on OpenWebText: ~0.5M tokens per step (12 x 1024 x 40), 600k steps.
     "gpt2": {
         "extract": {"shard_docs": 50_000, "workers": 16},
-        "clean": {"workers": 16},
+        "clean": {**WEB_CLEAN, "workers": 16},
         "dedup": {"workers": 16},
         "tokenizer": {"kind": "bpe", "vocab_size": 50_257, "max_train_docs": 2_000_000},
         "pretrain": {

@@ -17,6 +17,7 @@ from storage.store import StageRef, Store
 from tasks import clean, dedup, download, evaluate, extract, finetune, pretrain, quantize, tokenizer, tokens
 from tasks.runs import RunRecorder
 from tasks.sample_data import default_source_dir, ensure_sample_archive
+from tasks.shardmap import dask_cluster
 from tasks.stage import result_storage
 
 STAGES = {
@@ -35,11 +36,14 @@ def pipeline(
     config: PipelineOverrides | None = None,  # type: ignore[valid-type]
     selection: StageSelection | None = None,
     verify: bool = False,
+    dask: str | None = None,
 ) -> dict[str, Any]:
     """Run the pipeline (or the selected part of it) and return the run record.
 
     `config` holds changes to the preset (the fields left empty keep the preset's values), exactly as a
-    `--config` file does. `verify` also checks every reused version's files against their sha256.
+    `--config` file does. `verify` also checks every reused version's files against their sha256. `dask`,
+    the address of a Dask scheduler (tcp://host:8786), runs the data stages' per-shard task runs on that
+    cluster, whose workers must see the same store path and Prefect API.
     """
     log = get_run_logger()
     store = Store(storage)
@@ -68,21 +72,22 @@ def pipeline(
         with recorder.attempt(name):
             refs[name] = StageRef(name, store.require_latest(name), reused=True)
         recorder.stage(refs[name], "latest")
-    for name in plan.run:
-        stage, stage_task = STAGES[name]
-        with recorder.attempt(name):
-            state = stage_task.with_options(result_storage=result_storage(storage))(
-                str(store.root),
-                cfg.stage_config(name),
-                {input_name: refs[input_name] for input_name in stage.inputs},
-                force=name in selection.force,
-                verify=verify,
-                return_state=True,
-            )
-            refs[name] = state.result()  # raises the stage's own error if it failed
-        status = "cached" if state.name == "Cached" else ("reused" if refs[name].reused else "ran")
-        recorder.stage(refs[name], status)
-        log.info("%-9s %s  %s", name, refs[name].version, status)
+    with dask_cluster(dask):  # where the data stages' shards run: here, or on the cluster
+        for name in plan.run:
+            stage, stage_task = STAGES[name]
+            with recorder.attempt(name):
+                state = stage_task.with_options(result_storage=result_storage(store.root))(
+                    str(store.root),
+                    cfg.stage_config(name),
+                    {input_name: refs[input_name] for input_name in stage.inputs},
+                    force=name in selection.force,
+                    verify=verify,
+                    return_state=True,
+                )
+                refs[name] = state.result()  # raises the stage's own error if it failed
+            status = "cached" if state.name == "Cached" else ("reused" if refs[name].reused else "ran")
+            recorder.stage(refs[name], status)
+            log.info("%-9s %s  %s", name, refs[name].version, status)
     return recorder.completed(summary=summarize(store, refs))
 
 

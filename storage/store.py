@@ -101,6 +101,14 @@ def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# The per-shard cache of a stage (written by the data stages' shard maps): <stage>/.shards/<step>/<xx>/<hash>/
+SHARDS = ".shards"
+SHARD_RESULT = "result.json"
+# How long gc keeps a shard cache entry that no version links to (signatures, token arrays): a nightly run
+# reuses them, so a week covers missed nights.
+SHARD_DAYS = 7.0
+
+
 class Store:
     """A store rooted at one folder; every method is safe to call from several processes."""
 
@@ -371,7 +379,9 @@ class Store:
         return sorted(records, key=lambda r: r.get("started_at", ""))
 
     # -- garbage collection ---------------------------------------------------------------------------
-    def gc(self, keep_runs: int = 5, dry_run: bool = False, scratch: bool = False) -> list[str]:
+    def gc(
+        self, keep_runs: int = 5, dry_run: bool = False, scratch: bool = False, shard_days: float = SHARD_DAYS
+    ) -> list[str]:
         """Remove versions that neither a `latest` pointer, the last `keep_runs` runs, nor a run still going
         reach. What a kept version was built from (its lineage) is kept too. Returns "stage/version" of each
         removed version.
@@ -379,7 +389,8 @@ class Store:
         Leftovers of writers that died go as well (a version half swapped out by a crashed forced rebuild
         is put back first), and the scratch of versions that are complete. With `scratch`, the scratch of
         unfinished versions goes too (download partials, training checkpoints: their resume state), except
-        where a build holds the version's lock.
+        where a build holds the version's lock. Per-shard cache entries (`<stage>/.shards/`) go once no stored
+        version holds their files and no build has used them for `shard_days`.
         """
         if not dry_run:  # first, so that a version put back by recovery counts as present below
             for stage in self.stages():
@@ -413,7 +424,22 @@ class Store:
                 for work in list((folder / ".work").iterdir()):
                     if scratch or self.has(stage, work.name):
                         self._sweep(stage, work.name, lambda v, s=stage: self.clear_work(s, v))
+            if not dry_run:
+                self._gc_shards(folder / SHARDS, time.time() - shard_days * 86400)
         return removed
+
+    @staticmethod
+    def _gc_shards(folder: Path, unused_since: float) -> None:
+        """Remove the shard cache entries under `folder` that no version links to, last used before
+        `unused_since` (an entry's result file is touched each time a build takes it)."""
+        for result in list(folder.glob(f"*/*/*/{SHARD_RESULT}")):
+            entry = result.parent
+            try:
+                linked = any(p.stat().st_nlink > 1 for p in (entry / "files").rglob("*") if p.is_file())
+                if not linked and result.stat().st_mtime < unused_since:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except FileNotFoundError:  # another gc, or a build replacing a damaged entry
+                continue
 
     def _sweep(self, stage: str, version: str, remove: Callable[[str], None]) -> bool:
         """`remove(version)` after recovering the version's leftovers, unless a live writer holds it."""

@@ -52,6 +52,8 @@ class StageContext:
     log: logging.Logger | logging.LoggerAdapter
     metrics: dict[str, Any] = field(default_factory=dict)
     identity: Any = None  # what the stage's identity hook returned (the version id was made from it)
+    # Code version, environment and identity parameters: with a shard's own inputs, its cache key.
+    fingerprint: dict[str, Any] = field(default_factory=dict)
     # Fraction done (0..1) of a long stage; shown in the Prefect UI when the stage runs as a task.
     progress: Callable[[float], None] = field(default=lambda fraction: None)
 
@@ -153,7 +155,14 @@ class Stage:
             log.warning("%s/%s is damaged (%s): rebuilding it", self.name, version, damage)
 
         def build(out: Path) -> dict[str, Any]:
-            ctx = StageContext(store, self.name, version, versions, out, log, identity=identity)
+            fingerprint = {
+                "code": self.code_version,
+                "environment": self.environment_of(cfg),
+                "params": cfg.identity_params(),
+            }
+            ctx = StageContext(
+                store, self.name, version, versions, out, log, identity=identity, fingerprint=fingerprint
+            )
             if progress is not None:
                 ctx.progress = progress
             metrics = self.build(ctx, cfg) or {}

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from flows.config import PRESETS, PipelineConfig, PipelineOverrides, deep_merge, load_config, preset_config
 from model.gpt import GPT, GPTConfig
 from storage.errors import ConfigError
+from tasks.clean import CleanConfig
 from tasks.pretrain import padded_vocab_size
 
 
@@ -36,6 +37,13 @@ def test_gpt2_preset_is_gpt2_small():
     assert 123e6 < params < 125e6
     # nanoGPT's ~0.5M tokens per optimizer step.
     assert p.batch_size * p.block_size * p.grad_accum_steps == 491_520
+
+
+@pytest.mark.parametrize("preset", ["small", "gpt2"])
+def test_presets_for_web_text_clean_with_the_published_web_thresholds(preset):
+    clean = preset_config(preset).clean
+    assert clean.identity_params() == CleanConfig.web().identity_params()
+    assert clean.min_words == 50 and clean.min_stop_words == 2  # Gopher's, not the embedded corpus's defaults
 
 
 def test_tiny_preset_is_sized_for_a_cpu():
