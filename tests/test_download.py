@@ -336,6 +336,47 @@ def test_local_paths_and_file_urls_are_copied_exactly(tmp_path):
     assert archive(tmp_path, changed, "my_archive.tar.xz") == PAYLOAD + b"more"
 
 
+def test_a_source_already_in_a_stored_version_is_linked_not_fetched_again(tmp_path, server, monkeypatch):
+    first, second = tmp_path / "urlsf_subset00.tar", tmp_path / "urlsf_subset01.tar"
+    first.write_bytes(PAYLOAD)
+    second.write_bytes(PAYLOAD[::-1])
+    base, behaviour = server
+    behaviour.body = PAYLOAD + b"http"
+    url = f"{base}/owt.tar"
+    before = download(tmp_path, config(str(first), url))
+    copies: list[str] = []
+    real_copy = download_module.copy_local
+    monkeypatch.setattr(download_module, "copy_local", lambda path, *a: copies.append(path.name) or real_copy(path, *a))
+    gets_before = len(behaviour.gets())
+    after = download(tmp_path, config(str(first), url, str(second)))  # a nightly: one new source
+    assert copies == ["urlsf_subset01.tar"] and len(behaviour.gets()) == gets_before  # only the new one is read
+    old, new = (Store(tmp_path / "store").path("download", ref.version) / "archives" for ref in (before, after))
+    assert (new / "urlsf_subset00.tar").stat().st_ino == (old / "urlsf_subset00.tar").stat().st_ino
+    assert archive(tmp_path, after, "owt.tar") == PAYLOAD + b"http"
+    assert archive(tmp_path, after, "urlsf_subset01.tar") == PAYLOAD[::-1]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    scratch = download(fresh, config(str(first), url, str(second)))
+    assert (
+        Store(fresh / "store").manifest("download", scratch.version)["files"]
+        == Store(tmp_path / "store").manifest("download", after.version)["files"]
+    )
+
+
+def test_a_damaged_stored_copy_is_not_reused(tmp_path):
+    source = tmp_path / "urlsf_subset00.tar"
+    source.write_bytes(PAYLOAD)
+    before = download(tmp_path, config(str(source)))
+    stored = Store(tmp_path / "store").path("download", before.version) / "archives" / "urlsf_subset00.tar"
+    stored.chmod(0o644)
+    with open(stored, "r+b") as f:  # same size, other bytes: only a hash tells
+        f.write(b"X")
+    other = tmp_path / "other.tar"
+    other.write_bytes(b"another source")
+    after = download(tmp_path, config(str(source), str(other)))
+    assert archive(tmp_path, after, "urlsf_subset00.tar") == PAYLOAD
+
+
 def test_a_missing_local_file_names_its_path(tmp_path):
     missing = tmp_path / "nowhere" / "data.tar.xz"
     with pytest.raises(ConfigError, match=re.escape(str(missing))) as caught:
