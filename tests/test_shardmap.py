@@ -136,18 +136,23 @@ def _task_runs(flow_run_id) -> list:
 def test_in_a_flow_each_shard_is_a_named_task_run_and_a_transient_fault_retries_that_shard_alone(
     tmp_path, prefect_harness
 ):
-    from prefect import flow
+    from prefect import flow, task
 
     calls = tmp_path / "calls"
 
+    @task(task_run_name="the-stage")
+    def stage_task() -> list:  # as in the pipeline: a stage's task run maps its shards
+        return map_shards(scope(tmp_path), "step", flaky_job, jobs(tmp_path / "out", calls, fail="transient"), 2)
+
     @flow
     def shards_flow() -> list:
-        return map_shards(scope(tmp_path), "step", flaky_job, jobs(tmp_path / "out", calls, fail="transient"), 2)
+        return stage_task()
 
     state = shards_flow(return_state=True)
     assert [r["value"] for r in state.result()] == [1, 2, 3]
     runs = {run.name: run for run in _task_runs(state.state_details.flow_run_id)}
-    assert set(runs) == {"clean-step-shard-1", "clean-step-shard-2", "clean-step-shard-3"}
+    assert set(runs) == {"the-stage", "clean-step-shard-1", "clean-step-shard-2", "clean-step-shard-3"}
+    runs.pop("the-stage")
     assert {name: run.run_count for name, run in runs.items()} == {
         "clean-step-shard-1": 1,
         "clean-step-shard-2": 2,  # retried alone, after the transient fault
