@@ -56,7 +56,8 @@ class ShardJob:
     name: str  # unique within the step; part of the task run's name in the UI
     args: tuple[Any, ...]  # picklable plain values (paths as str)
     # What the result depends on besides the stage's code, libraries and parameters: the content hashes of
-    # the inputs (never their paths, which differ between versions), and any other input. None: not cached.
+    # the inputs (never their paths, which differ between versions), whatever names the files it writes (two
+    # empty shards have the same content), and any other input. None: not cached.
     key: Mapping[str, Any] | None = None
     dest: Path | None = None  # where the files written to out_dir go (relative names kept); None: dropped
     spool: Path | None = None  # a scratch file holding the job's input, removed once the job has ended
