@@ -218,7 +218,9 @@ def map_shards(
     if pool_id is None:
         with worker_pool(workers, workers) as own:
             return map_shards(scope, step, fn, jobs, workers, own)
-    window = max(2 * workers, 8)  # shards in flight: bounds threads (and spooled input) whatever their count
+    # Shards in flight: twice the workers keeps the pool fed, and bounds threads (and spooled input)
+    # whatever the shard count. With no pool, shards run one at a time, in this process.
+    window = 2 * workers if pool_id in _POOLS else 1
     if in_flow:
         return _drive(scope, step, jobs, window, _task_run_submitter(scope, step, fn, pool_id, None))
     with ThreadPoolExecutor(max_workers=window) as threads:  # outside a flow (tests, scripts): threads feed the pool

@@ -1,11 +1,12 @@
 import json
+import logging
 import random
 
 import pytest
 from builders import publish_dedup
 
 from model.tokenizer import EOT, FILENAME, Tokenizer, train_bpe, train_char
-from storage.errors import DataIntegrityError
+from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
 from tasks.split import SplitConfig, is_val, split_unit
 from tasks.tokenizer import STAGE, TokenizerConfig
@@ -144,7 +145,14 @@ def test_stage_trains_on_training_documents_only(tmp_path):
     assert tok.encode("xyz") == [tok.unk_id] * 3
     assert tok.decode(tok.encode("abcde")) == "abcde"
     metrics = Store(root).manifest("tokenizer", ref.version)["metrics"]
-    assert metrics == {"kind": "char", "vocab_size": 7, "train_docs": 3, "train_chars": 7}
+    assert metrics == {
+        "kind": "char",
+        "vocab_size": 7,
+        "train_docs": 3,
+        "train_chars": 7,
+        "split_seed": 1337,
+        "val_fraction": 0.05,
+    }
 
     limited = STAGE.run(root, TokenizerConfig(kind="char", max_train_docs=1), {"dedup": dedup})
     assert Store(root).manifest("tokenizer", limited.version)["metrics"]["train_docs"] == 1
@@ -158,6 +166,7 @@ def test_stage_bpe_reports_actual_vocab_size(tmp_path):
     assert metrics["kind"] == "bpe"
     assert metrics["vocab_size"] == Tokenizer.load(Store(root).path("tokenizer", ref.version)).vocab_size <= 290
     assert metrics["train_docs"] == len(TEXTS)
+    assert metrics["max_vocab_size"] == 290
 
 
 def test_no_training_document_is_a_clear_error(tmp_path):
@@ -173,3 +182,131 @@ def test_config_bounds():
         TokenizerConfig(vocab_size=100)
     with pytest.raises(ValueError, match="kind"):
         TokenizerConfig(kind="wordpiece")
+    for wrong in ("", "../tokenizer/abc", ".hidden"):
+        with pytest.raises(ValueError, match="reuse"):
+            TokenizerConfig(reuse=wrong)
+
+
+# -- reuse ----------------------------------------------------------------------------------------------
+
+SPLIT = SplitConfig(seed=3, val_fraction=0.3)
+
+
+def split_ids(n, val, split=SPLIT):
+    found = (f"doc-{i}" for i in range(10**6))
+    chosen = (d for d in found if is_val(d, split.seed, split.val_fraction) == val)
+    return [next(chosen) for _ in range(n)]
+
+
+def corpora(root):
+    """Two dedup versions: the second adds training documents with characters the first has not."""
+    train, val = split_ids(4, val=False), split_ids(1, val=True)
+    first = [(train[0], "abc"), (train[1], "bcd"), (val[0], "xyz")]
+    return publish_dedup(root, [first], "dedup-v1"), publish_dedup(root, [first, [(train[2], "qrs")]], "dedup-v2")
+
+
+def tokenizer_bytes(root, version):
+    return (Store(root).path("tokenizer", version) / FILENAME).read_bytes()
+
+
+def test_reuse_keeps_the_tokenizer_byte_for_byte_with_its_split(tmp_path):
+    root = tmp_path / "store"
+    first, second = corpora(root)
+    trained = STAGE.run(root, TokenizerConfig(kind="char", split=SPLIT), {"dedup": first})
+    retrained = STAGE.run(root, TokenizerConfig(kind="char", split=SPLIT), {"dedup": second})
+    assert tokenizer_bytes(root, retrained.version) != tokenizer_bytes(root, trained.version)  # "qrs" is new
+    Store(root).set_latest("tokenizer", trained.version)
+
+    kept = STAGE.run(root, TokenizerConfig(reuse="latest"), {"dedup": second})
+    assert kept.version not in (trained.version, retrained.version)
+    assert tokenizer_bytes(root, kept.version) == tokenizer_bytes(root, trained.version)
+    manifest = Store(root).manifest("tokenizer", kept.version)
+    assert manifest["inputs"] == {"dedup": second}  # the lineage the tokens stage checks
+    assert manifest["metrics"] == {
+        **Store(root).manifest("tokenizer", trained.version)["metrics"],
+        "reused_from": trained.version,
+    }
+    assert (manifest["metrics"]["split_seed"], manifest["metrics"]["val_fraction"]) == (3, 0.3)
+    assert Store(root).latest("tokenizer") == kept.version
+
+
+def test_the_same_reused_tokenizer_gives_the_same_version_however_it_is_named(tmp_path):
+    root = tmp_path / "store"
+    first, second = corpora(root)
+    trained = STAGE.run(root, TokenizerConfig(kind="bpe", vocab_size=300, split=SPLIT), {"dedup": first})
+    by_latest = STAGE.run(root, TokenizerConfig(reuse="latest"), {"dedup": second})
+    assert not by_latest.reused
+    # latest now names the kept copy; it, the trained version and "latest" are the same tokenizer.
+    for name in ("latest", trained.version, by_latest.version):
+        again = STAGE.run(root, TokenizerConfig(reuse=name), {"dedup": second})
+        assert (again.version, again.reused) == (by_latest.version, True)
+    # A copy of a copy carries the first one's split and vocabulary setting.
+    metrics = Store(root).manifest("tokenizer", by_latest.version)["metrics"]
+    assert Store(root).manifest("tokenizer", by_latest.version)["params"]["split"] == SplitConfig().model_dump()
+    third = publish_dedup(root, [[(split_ids(1, val=False)[0], "abc")], [(split_ids(1, val=True)[0], "z")]], "dedup-v3")
+    chained = STAGE.run(root, TokenizerConfig(reuse=by_latest.version), {"dedup": third})
+    assert Store(root).manifest("tokenizer", chained.version)["metrics"] == {
+        **metrics,
+        "reused_from": by_latest.version,
+    }
+    assert (metrics["split_seed"], metrics["val_fraction"], metrics["max_vocab_size"]) == (3, 0.3, 300)
+
+
+def test_reuse_latest_with_no_tokenizer_stored_trains_one(tmp_path, caplog):
+    root = tmp_path / "store"
+    first, _ = corpora(root)
+    caplog.set_level(logging.INFO, logger="gptflow.tokenizer")
+    ref = STAGE.run(root, TokenizerConfig(kind="char", split=SPLIT, reuse="latest"), {"dedup": first})
+    assert "the store holds no tokenizer yet: training one" in caplog.text
+    metrics = Store(root).manifest("tokenizer", ref.version)["metrics"]
+    assert "reused_from" not in metrics and metrics["train_docs"] == 2
+    # What it made is what training makes: the same version.
+    again = STAGE.run(root, TokenizerConfig(kind="char", split=SPLIT), {"dedup": first})
+    assert (again.version, again.reused) == (ref.version, True)
+
+
+def test_reusing_a_version_that_is_not_stored_is_a_one_line_config_error(tmp_path):
+    root = tmp_path / "store"
+    first, _ = corpora(root)
+    with pytest.raises(ConfigError, match="tokenizer.reuse: no tokenizer version 'abc123def456' in the store") as exc:
+        STAGE.run(root, TokenizerConfig(reuse="abc123def456"), {"dedup": first})
+    assert "\n" not in str(exc.value)
+    assert Store(root).latest("tokenizer") is None
+
+
+def test_settings_given_with_reuse_must_match_the_reused_tokenizer(tmp_path):
+    root = tmp_path / "store"
+    first, second = corpora(root)
+    trained = STAGE.run(root, TokenizerConfig(kind="bpe", vocab_size=300, split=SPLIT), {"dedup": first})
+    ids = Store(root).manifest("tokenizer", trained.version)["metrics"]["vocab_size"]
+    assert ids < 300  # three tiny documents: fewer merges than asked for
+    for given in ({"vocab_size": 300}, {"vocab_size": ids}, {"kind": "bpe", "split": SPLIT.model_dump()}):
+        ref = STAGE.run(root, TokenizerConfig.model_validate({"reuse": trained.version, **given}), {"dedup": second})
+        assert Store(root).manifest("tokenizer", ref.version)["metrics"]["reused_from"] == trained.version
+    wrong = {"kind": "char", "vocab_size": 4096, "split": {"seed": 4, "val_fraction": 0.3}}
+    for field, expected in (
+        ("kind", r"kind 'char' \(it is 'bpe'\)$"),
+        ("vocab_size", rf"vocab_size 4096 \(it has {ids} ids, trained with vocab_size 300\)$"),
+        ("split", r"split seed=4, val_fraction=0.3 \(it was trained with seed=3, val_fraction=0.3\)$"),
+    ):
+        cfg = TokenizerConfig.model_validate({"reuse": "latest", field: wrong[field]})
+        with pytest.raises(ConfigError, match=f"does not match the settings given with it: {expected}"):
+            STAGE.run(root, cfg, {"dedup": second})
+    with pytest.raises(ConfigError, match="kind 'char' .*; vocab_size 4096 .*; split seed=4") as exc:
+        STAGE.run(root, TokenizerConfig.model_validate({"reuse": "latest", **wrong}), {"dedup": second})
+    assert "\n" not in str(exc.value)
+
+
+def test_a_damaged_tokenizer_is_not_reused(tmp_path):
+    root = tmp_path / "store"
+    first, second = corpora(root)
+    trained = STAGE.run(root, TokenizerConfig(kind="char", split=SPLIT), {"dedup": first})
+    path = Store(root).path("tokenizer", trained.version) / FILENAME
+    content = path.read_bytes()
+    path.write_bytes(content.replace(b'"a"', b'"A"'))  # same size, other bytes
+    with pytest.raises(DataIntegrityError, match=r"tokenizer to reuse is damaged \(tokenizer.json does not match"):
+        STAGE.run(root, TokenizerConfig(reuse="latest"), {"dedup": second})
+    path.unlink()
+    with pytest.raises(DataIntegrityError, match=r"tokenizer to reuse is damaged \(tokenizer.json is missing\)"):
+        STAGE.run(root, TokenizerConfig(reuse="latest"), {"dedup": second})
+    assert Store(root).latest("tokenizer") == trained.version
