@@ -10,6 +10,9 @@ from prefect import serve as prefect_serve
 from flows.pipeline import pipeline
 
 NIGHTLY_CRON = "0 2 * * *"
+# A nightly retraining keeps its tokenizer (the first night, with none stored, trains one), so that its models
+# stay comparable and the old shards' token encodings are reused.
+NIGHTLY_CONFIG = {"tokenizer": {"reuse": "latest"}}
 
 
 def build_deployments(storage: str, cron: str = NIGHTLY_CRON) -> list:
@@ -22,8 +25,9 @@ def build_deployments(storage: str, cron: str = NIGHTLY_CRON) -> list:
     )
     nightly = pipeline.to_deployment(
         name="nightly-retrain",
-        description="Nightly: re-checks the sources and retrains what changed; unchanged stages are cached.",
-        parameters={"storage": storage, "preset": "tiny"},
+        description="Nightly: re-checks the sources and retrains what changed, keeping the tokenizer; unchanged "
+        "stages and shards are cached.",
+        parameters={"storage": storage, "preset": "tiny", "config": NIGHTLY_CONFIG},
         cron=cron,
         tags=["gptflow", "nightly"],
     )

@@ -13,6 +13,7 @@ from flows.plan import Plan, StageSelection, check_options
 from storage.errors import ConfigError, GptflowError
 from storage.store import Store
 from tasks.download import local_path
+from tasks.tokenizer import reuse_identity
 
 
 def check_run(
@@ -35,6 +36,11 @@ def check_run(
         problems += _stored_input_problems(store, plan, selection, verify)
     if "download" in plan.run and cfg.sources:  # none: the embedded default corpus, made by the run
         problems += _source_problems(cfg)
+    if "tokenizer" in plan.run and cfg.tokenizer.reuse is not None and not storage_problems:
+        try:  # the tokenizer it names must be stored and agree with the settings: said before any work
+            reuse_identity(cfg.tokenizer, store)
+        except GptflowError as exc:
+            problems.append(str(exc))
     if "finetune" in plan.run and cfg.finetune.data:
         problems += _file_problems("finetune.data", cfg.finetune.data)
     if problems:

@@ -51,6 +51,7 @@ def test_every_usage_mistake_is_one_line_and_exit_2_before_any_stage(tmp_path, c
     (tmp_path / "settings.yaml").write_text("pretrain:\n  max_steps: true\n")
     (tmp_path / "file-store").write_text("not a folder")
     (tmp_path / "data.yaml").write_text(f"finetune:\n  data: {tmp_path / 'pairs.jsonl'}\n")
+    (tmp_path / "reuse.yaml").write_text("tokenizer:\n  reuse: 0123abcd\n")
     for args, message in [
         (["--source", str(tmp_path)], f"source {tmp_path}: {tmp_path} is a folder, not a file"),
         (["--source", "ftp://example.org/a.tar"], "unsupported scheme 'ftp'"),
@@ -58,6 +59,7 @@ def test_every_usage_mistake_is_one_line_and_exit_2_before_any_stage(tmp_path, c
         (["--only", "tokens"], "--only tokens needs a stored dedup version and"),
         (["--config", str(tmp_path / "settings.yaml")], "pretrain.max_steps: Input should be a valid integer"),
         (["--config", str(tmp_path / "data.yaml"), "--source", str(archive)], "pairs.jsonl does not exist"),
+        (["--config", str(tmp_path / "reuse.yaml"), "--source", str(archive)], "0123abcd"),
     ]:
         code, err = run_main(capsys, "--storage", str(store), *args)
         assert code == 2, args

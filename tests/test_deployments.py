@@ -45,3 +45,14 @@ def test_served_deployments_match_the_yaml(tmp_path):
     assert set(served) == {d["name"] for d in DEPLOYMENTS}
     assert served["nightly-retrain"].schedules
     assert served["pipeline"].parameters["storage"] == str(tmp_path / "store")
+
+
+def test_the_nightly_retraining_keeps_its_tokenizer_in_both_forms(tmp_path):
+    from flows.config import preset_config
+    from flows.deploy import build_deployments
+
+    served = {d.name: d for d in build_deployments(str(tmp_path / "store"))}
+    declared = next(d for d in DEPLOYMENTS if d["name"] == "nightly-retrain")
+    for parameters in (served["nightly-retrain"].parameters, declared["parameters"]):
+        assert preset_config(parameters["preset"], parameters["config"]).tokenizer.reuse == "latest"
+    assert "config" not in next(d for d in DEPLOYMENTS if d["name"] == "pipeline")["parameters"]
