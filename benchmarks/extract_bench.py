@@ -9,12 +9,14 @@ peak for small documents and for large ones, at a small and a large shard_docs.
 --memory runs one worker, so that the peak is the whole stage's, and shows that it does not grow with
 `shard_docs` or the documents' size: the stage holds bytes, not counts.
 
-Each measurement runs `extract`'s STAGE.run in a fresh process with a store of its own; its time includes
-starting the worker processes. On Linux a process's peak RSS (getrusage) starts from that of the process
-that started it, so this script's own process stays small: the corpus is built in a child process too.
+Each measurement runs `extract`'s STAGE.run in a fresh process with a store of its own (so no unit comes
+from the shard cache); its time includes starting the worker processes. On Linux a process's peak RSS
+(getrusage) starts from that of the process that started it, so this script's own process stays small:
+the corpus is built in a child process too.
 The text is pseudo-random words drawn from a Zipf-like vocabulary, so that it compresses about as English
-does under xz. "stage CPU" is the stage process's own work (reading the download, writing the shards),
-which workers do not share: it bounds the speedup.
+does under xz. "stage CPU" is the stage process's own work (reading the download once and spooling its
+units; with one worker, parsing them and writing their shards too), which workers do not share: it bounds
+the speedup.
 """
 
 import argparse

@@ -107,6 +107,13 @@ def _read_entry(entry: Path) -> dict[str, Any] | None:
     return None
 
 
+def cached_result(scope: ShardScope, step: str, fn: Callable[..., Any], key: Mapping[str, Any]) -> dict | None:
+    """The stored result of the shard (step, fn, key) when its entry is there, intact; else None. Places and
+    removes nothing: for a stage that decides from the results it has whether to read an input at all."""
+    record = _read_entry(scope.entry(step, fn, key))
+    return None if record is None else record["result"]
+
+
 def _place(source: Path, files: Mapping[str, int], dest: Path | None) -> None:
     """Put each of `files` (relative to `source`) into `dest`, by hard link where the filesystem allows."""
     if dest is None:

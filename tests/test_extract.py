@@ -18,11 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-import tasks.extract
+import tasks.readers.shards
 import tasks.shards
 from storage.errors import DataIntegrityError
 from storage.store import Store
-from tasks.extract import STAGE, ExtractConfig, archive_stem, compression_of
+from tasks.extract import STAGE, ExtractConfig
+from tasks.readers.streams import compression_of
+from tasks.readers.tar import archive_stem
 from tasks.sample_data import write_openwebtext_archive
 from tasks.shards import read_batches
 
@@ -110,7 +112,8 @@ def test_real_openwebtext_layout_round_trips_exactly_into_shards(tmp_path):
     assert table.column("member").to_pylist()[0] == f"0000000-{first}.txt"
     assert set(table.column("source").to_pylist()) == {"openwebtext.tar.xz"}
     shards = sorted((Store(tmp_path / "store").path("extract", ref.version) / "docs").iterdir())
-    assert [p.name for p in shards] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    # one inner archive a unit, its shards named by the download and its place in it
+    assert [p.name for p in shards] == [f"openwebtext-{i:05d}-000.parquet" for i in range(3)]
     assert [pq.read_metadata(p).num_rows for p in shards] == [10, 10, 5]
     assert pq.read_metadata(shards[0]).row_group(0).column(1).compression == "ZSTD"
     m = metrics(tmp_path, ref)
@@ -215,8 +218,7 @@ def damaged_outer() -> bytes:
     )
 
 
-def test_a_download_cut_inside_a_streamed_inner_archive_fails_as_the_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks.extract, "MAX_SHIPPED_ARCHIVE_BYTES", 0)  # inner archives parsed as they stream
+def test_a_download_cut_inside_an_inner_archive_fails_as_the_download(tmp_path):
     noise = random.Random(0)  # text that packs little, so that the cut falls inside an inner archive's data
     documents = [("a", noise.randbytes(4000).hex()) for _ in range(50)]
     archive = write_openwebtext_archive(documents, tmp_path / "o.tar.xz", docs_per_subset=25)
@@ -286,7 +288,7 @@ def test_empty_and_unknown_archives_are_clear_errors(tmp_path):
         "zero.xz": (b"", "zero.xz: empty file, not an archive; it came from download version"),
         "notes.xz": (b"just some text, not an archive" * 20, "notes.xz: unknown archive format"),
         "blank.tar": (tar_bytes([("a.txt", b""), ("b.txt", b"")]), "blank.tar: the archive holds no documents"),
-        "notar.xz": (lzma.compress(b"compressed, but not a tar" * 50), "notar.xz: truncated or corrupt"),
+        "notar.tar.xz": (lzma.compress(b"compressed, but not a tar" * 50), "notar.tar.xz: truncated or corrupt"),
     }
     for name, (data, message) in cases.items():
         with pytest.raises(DataIntegrityError, match=message):
@@ -536,18 +538,16 @@ def test_members_with_a_binary_magic_or_an_archive_name_are_never_documents(tmp_
 
 
 @pytest.mark.parametrize("pack", [lzma.compress, gzip.compress, bz2.compress, zstd])
-def test_an_inner_archive_cut_short_is_corrupt_not_a_text(tmp_path, monkeypatch, pack):
+def test_an_inner_archive_cut_short_is_corrupt_not_a_text(tmp_path, pack):
     packed = pack(tar_bytes([(f"{i}.txt", t.encode()) for i, t in enumerate(texts(20))]))
     # half of it: bzip2, whose first block is then incomplete, has not yet given out a single byte
     outer = tar_bytes([("a/whole_data", packed), ("a/cut_data", packed[: len(packed) // 2])])
     with pytest.raises(DataIntegrityError, match="urlsf_subset00.tar: a/cut_data: truncated or corrupt"):
         run_extract(tmp_path / "fail", {"urlsf_subset00.tar": outer}, strict=True)
-    for ship_up_to in (tasks.extract.MAX_SHIPPED_ARCHIVE_BYTES, 0):  # read whole, then streamed
-        monkeypatch.setattr(tasks.extract, "MAX_SHIPPED_ARCHIVE_BYTES", ship_up_to)
-        ref = run_extract(tmp_path / str(ship_up_to), {"urlsf_subset00.tar": outer}, max_corrupt_fraction=0.5)
-        assert read_docs(tmp_path / str(ship_up_to), ref).column("text").to_pylist() == texts(20)
-        entries = metrics(tmp_path / str(ship_up_to), ref)["quarantined"]
-        assert [(e["member"], e["reason"]) for e in entries] == [("a/cut_data", "truncated")]
+    ref = run_extract(tmp_path / "kept", {"urlsf_subset00.tar": outer}, max_corrupt_fraction=0.5)
+    assert read_docs(tmp_path / "kept", ref).column("text").to_pylist() == texts(20)
+    entries = metrics(tmp_path / "kept", ref)["quarantined"]
+    assert [(e["member"], e["reason"]) for e in entries] == [("a/cut_data", "truncated")]
 
 
 # -- workers ------------------------------------------------------------------------------------------
@@ -566,7 +566,7 @@ def column(shards: dict[str, bytes], name: str) -> list:
 
 def busy_openwebtext() -> bytes:
     """An openwebtext.tar.xz of nine inner archives; one holds every kind of member the metrics count, and a
-    nested tar whose name a later inner archive repeats (container names must stay unique across processes)."""
+    nested tar whose name a later inner archive repeats (doc_ids must stay unique across units)."""
     odd = lzma.compress(
         tar_bytes(
             [
@@ -592,7 +592,8 @@ def test_workers_give_byte_identical_shards_and_metrics(tmp_path):
     one = outputs(tmp_path / "one", files, shard_docs=10, max_doc_bytes=4096)
     two = outputs(tmp_path / "two", files, shard_docs=10, max_doc_bytes=4096, workers=2)
     assert two[0] == one[0]  # the same version id: workers change how, not what
-    assert list(two[1]) == [f"shard-{i:05d}.parquet" for i in range(8)]
+    # a unit per inner archive (nine), shards of at most 10 documents each
+    assert list(two[1]) == [f"openwebtext-{i:05d}-000.parquet" for i in range(9)]
     assert two[1] == one[1]
     assert two[2] == one[2]
     m = two[2]
@@ -600,16 +601,9 @@ def test_workers_give_byte_identical_shards_and_metrics(tmp_path):
     assert (m["unsafe_member_names"], m["empty_members"], m["invalid_utf8_docs"]) == (["../escape.txt"], 1, 1)
     ids = column(two[1], "doc_id")
     assert len(set(ids)) == len(ids)
-    assert "urlsf_subset00-5_data/n" in ids  # the tar nested in the odd inner archive
-    assert [i.split("/")[0] for i in ids if "/0000045-" in i] == ["urlsf_subset00-5_data~2"]  # the later one
-
-
-@pytest.mark.parametrize("limit", ["MAX_SHIPPED_TEXT_BYTES", "MAX_SHIPPED_ARCHIVE_BYTES"])
-def test_archives_too_big_to_hand_to_a_worker_give_the_same_output(tmp_path, monkeypatch, limit):
-    files = {"openwebtext.tar.xz": busy_openwebtext()}
-    expected = outputs(tmp_path / "one", files, shard_docs=10, max_doc_bytes=4096)
-    monkeypatch.setattr(tasks.extract, limit, 0)  # every inner archive is then parsed by the stage's process
-    assert outputs(tmp_path / "two", files, shard_docs=10, max_doc_bytes=4096, workers=2) == expected
+    # the tar nested in the odd inner archive: under that archive's name, so the later one keeps its own
+    assert "urlsf_subset00-odd_data/urlsf_subset00-5_data/n" in ids
+    assert [i.split("/")[0] for i in ids if "/0000045-" in i] == ["urlsf_subset00-5_data"]
 
 
 def outer_with_damage(corrupt: tuple[int, ...], count: int = 8) -> bytes:
@@ -823,17 +817,15 @@ def test_row_groups_and_read_batches_are_bounded_in_bytes_not_rows(tmp_path):
     meta = pq.read_metadata(shard)
     text_bytes = [meta.row_group(i).column(1).total_uncompressed_size for i in range(meta.num_row_groups)]
     assert meta.num_rows == 8 and meta.num_row_groups > 1
-    assert max(text_bytes) <= tasks.extract.ROW_GROUP_BYTES + (4 << 20) + 4096
+    assert max(text_bytes) <= tasks.readers.shards.ROW_GROUP_BYTES + (4 << 20) + 4096
     batches = [batch.column("text") for batch in read_batches(shard, ["text"])]
     assert [t.as_py() for batch in batches for t in batch] == [d.decode() for _, d in docs]
     assert max(batch.nbytes for batch in batches) <= tasks.shards.READ_BATCH_BYTES
 
 
-def test_an_inner_archive_is_held_by_bytes_and_still_dropped_whole(tmp_path, monkeypatch):
-    # an inner plain tar of 96 documents of 256 KiB, parsed by the stage's process, streaming
-    monkeypatch.setattr(tasks.extract, "MAX_SHIPPED_ARCHIVE_BYTES", 0)
-    monkeypatch.setattr(tasks.extract, "HOLD_BYTES", 1 << 20, raising=False)
-    monkeypatch.setattr(tasks.extract, "ROW_GROUP_BYTES", 1 << 20, raising=False)
+def test_an_inner_archive_streams_into_its_shards_and_is_still_dropped_whole(tmp_path, monkeypatch):
+    # an inner plain tar of 96 documents of 256 KiB: written to its shards as it is read, 1 MiB at a time
+    monkeypatch.setattr(tasks.readers.shards, "ROW_GROUP_BYTES", 1 << 20)
     docs = big_documents(96, 256 << 10)
     inner = tar_bytes(docs)
     files = {"urlsf_subset00.tar": tar_bytes([("openwebtext/urlsf_subset00-1_data.tar", inner)])}
@@ -841,13 +833,17 @@ def test_an_inner_archive_is_held_by_bytes_and_still_dropped_whole(tmp_path, mon
     ref, peak = traced_peak(lambda: STAGE.run(tmp_path / "whole" / "store", ExtractConfig(), {"download": version}))
     assert read_docs(tmp_path / "whole", ref).column("text").to_pylist() == [d.decode() for _, d in docs]
     assert peak < len(inner) // 4  # 24 MiB of text went through; about 1 MiB waited at a time
-    # cut inside its last document: what was held, in memory and on disk, is dropped whole
+    # cut inside its last document: the shards it had written are dropped whole
     cut = len(inner) - 10240 - 100_000
     damaged = tar_bytes([("openwebtext/urlsf_subset00-1_data.tar", inner[:cut]), ("b.txt", b"beside it")])
     ref = run_extract(tmp_path / "cut", {"urlsf_subset00.tar": damaged}, max_corrupt_fraction=1.0)
     assert read_docs(tmp_path / "cut", ref).column("text").to_pylist() == ["beside it"]
     assert metrics(tmp_path / "cut", ref)["quarantined"][0]["reason"] == "truncated"
-    assert not list((tmp_path / "cut" / "store").rglob("tmp*"))
+    store = tmp_path / "cut" / "store"
+    kept = ["urlsf_subset00-00001-000.parquet"]  # the documents beside it: unit 1 of the download
+    assert [p.name for p in (store / "extract" / ref.version / "docs").iterdir()] == kept
+    assert [p.name for p in (store / "extract" / ".shards").rglob("*.parquet")] == kept  # nothing of unit 0
+    assert not [p for p in store.rglob("*.spool")]  # no spooled unit left behind
 
 
 def test_a_tar_of_many_members_does_not_keep_their_headers(tmp_path):
