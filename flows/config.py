@@ -85,6 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "extract": {"shard_docs": 250},
         "clean": {"workers": 2},
         "dedup": {"workers": 2},
+        "tokens": {"workers": 2},
         # A tenth for validation: the default corpus is small, and 5% would be only ~75 documents.
         "tokenizer": {"kind": "bpe", "vocab_size": 2048, "split": {"val_fraction": 0.1}},
         "pretrain": {
@@ -110,6 +111,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "extract": {"shard_docs": 20_000, "workers": 8},
         "clean": {**WEB_CLEAN, "workers": 8},
         "dedup": {"workers": 8},
+        "tokens": {"workers": 8},
         "tokenizer": {"kind": "bpe", "vocab_size": 16_384, "max_train_docs": 500_000},
         "pretrain": {
             "n_layer": 6,
@@ -139,6 +141,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "extract": {"shard_docs": 50_000, "workers": 16},
         "clean": {**WEB_CLEAN, "workers": 16},
         "dedup": {"workers": 16},
+        "tokens": {"workers": 16},
         "tokenizer": {"kind": "bpe", "vocab_size": 50_257, "max_train_docs": 2_000_000},
         "pretrain": {
             "n_layer": 12,

@@ -110,3 +110,31 @@ def test_leakage_measured_from_cached_shards_is_the_same(tmp_path):
     ref = STAGE.run(root, TokensConfig(), {"dedup": "dedup-v1", "tokenizer": tok_ref}, force=True)
     metrics = Store(root).manifest("tokens", ref.version)["metrics"]
     assert {key: metrics[key] for key in first} == first
+
+
+def test_paragraph_dedup_drives_the_leakage_to_zero(tmp_path):
+    from builders import publish_docs
+
+    from tasks import dedup as dedup_stage
+
+    train_docs = [
+        (TRAIN_IDS[0], f"An introduction of its own, long enough to stay a document.\n{A}\n{D}"),
+        (TRAIN_IDS[1], f"  {E}\nAnd a closing line that is only in this training document, nowhere else."),
+    ]
+    shards = [train_docs[:1] + VAL_DOCS[:2], VAL_DOCS[2:] + train_docs[1:]]
+    root = tmp_path / "store"
+    clean = publish_docs(root, "clean", shards, "clean-v1", columns=("doc_id", "text", "n_bytes"))
+
+    def measured(paragraphs_on: bool) -> dict:
+        cfg = dedup_stage.DedupConfig(method="exact", paragraphs=paragraphs_on)
+        dedup = dedup_stage.STAGE.run(root, cfg, {"clean": clean})
+        tok = tokenizer_stage.STAGE.run(
+            root, tokenizer_stage.TokenizerConfig(kind="char", split=SPLIT), {"dedup": dedup}
+        )
+        ref = STAGE.run(root, TokensConfig(), {"dedup": dedup, "tokenizer": tok})
+        return read_meta(Store(root).path("tokens", ref.version))
+
+    before, after = measured(False), measured(True)
+    assert before["val_leaked_paragraphs"] > 0 and before["val_leakage"] > 0
+    assert after["val_leaked_paragraphs"] == 0 and after["val_leakage"] == 0.0
+    assert after["val_docs"] > 0 and after["train_docs"] > 0  # the documents stay, less their repeated lines
