@@ -153,15 +153,18 @@ class DedupConfig(StageConfig):
 # -- normalisation ----------------------------------------------------------------------------------------
 
 
-@cache
-def _punctuation_table() -> dict[int, None]:
-    return {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)).startswith("P")}
+# Every code point of a text is looked up in a table of the punctuation code points. Building it costs each
+# worker process about 0.15 s for the whole range and 0.02 s for the first two planes (which hold all the
+# punctuation of Unicode 14, Python 3.11's), so the rest is only built for a text that goes past them.
+COMMON_PLANES = 0x20000
+_ASCII_PUNCTUATION = bytes(cp for cp in range(128) if unicodedata.category(chr(cp)).startswith("P"))
 
 
 @cache
-def _punctuation_mask() -> np.ndarray:
-    mask = np.zeros(sys.maxunicode + 1, dtype=bool)
-    mask[list(_punctuation_table())] = True
+def _punctuation_mask(size: int) -> np.ndarray:
+    """True at each code point below `size` whose Unicode category is punctuation (P*)."""
+    mask = np.zeros(size, dtype=bool)
+    mask[[cp for cp in range(size) if unicodedata.category(chr(cp)).startswith("P")]] = True
     return mask
 
 
@@ -169,10 +172,13 @@ def normalize_for_dedup(text: str, strip_punctuation: bool = True) -> str:
     """The text two documents must share to count as exact duplicates."""
     # Casefolding can leave text that is no longer NFKC (e.g. some ligatures), hence NFKC on both sides.
     text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold())
-    if strip_punctuation and text:
+    if strip_punctuation and text.isascii():  # most web text: bytes.translate deletes at C speed
+        text = text.encode("ascii").translate(None, _ASCII_PUNCTUATION).decode("ascii")
+    elif strip_punctuation:
         # A lookup table over code points: str.translate with a dict runs at ~20 MB/s, this at ~100 MB/s.
         points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        text = points[~_punctuation_mask()[points]].tobytes().decode("utf-32-le")
+        size = COMMON_PLANES if points.max() < COMMON_PLANES else sys.maxunicode + 1
+        text = points[~_punctuation_mask(size)[points]].tobytes().decode("utf-32-le")
     return " ".join(text.split())
 
 
@@ -210,12 +216,11 @@ def hash_shard(src: Path, out: Path, strip_punctuation: bool, params: MinHashPar
     under `out`; returns the number of documents."""
     exact = []
     minhash = []
-    cache_: dict[str, int] = {}
     for texts in _text_batches(src):
         normalised = [normalize_for_dedup(text, strip_punctuation) for text in texts]
         exact.append(b"".join(_exact_hash(text) for text in normalised))
         if params is not None:
-            minhash.append(minhash_signatures([text.split() for text in normalised], params, cache_))
+            minhash.append(minhash_signatures(normalised, params))
     rows = sum(len(part) for part in exact) // SIGNATURE_BYTES
     (out / SIGNATURES).mkdir(parents=True)
     (out / SIGNATURES / f"{src.stem}.sig").write_bytes(b"".join(exact))

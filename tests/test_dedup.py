@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pyarrow as pa
@@ -7,7 +8,7 @@ from builders import publish_docs
 
 from storage.errors import DataIntegrityError
 from storage.store import Store
-from tasks.dedup import STAGE, DedupConfig, normalize_for_dedup, signature
+from tasks.dedup import STAGE, DedupConfig, hash_shard, normalize_for_dedup, signature
 
 EXACT = DedupConfig(method="exact")
 
@@ -306,6 +307,106 @@ def test_fast_punctuation_stripping_matches_the_unicode_categories():
     import unicodedata
 
     sample = "".join(chr(cp) for cp in range(0, 0x3000, 7)) + "¡Hola! «quote» — dash… 𝐀𝐁 ﬁ"
+    assert normalize_for_dedup("«𠀀», 𝐀!") == "𠀀 a"  # past the first two planes, and within them
     slow = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", sample).casefold())
     slow = " ".join("".join(c for c in slow if not unicodedata.category(c).startswith("P")).split())
     assert normalize_for_dedup(sample) == slow
+
+
+# -- the signature pass's output is pinned -----------------------------------------------------------------
+
+# Words that normalisation must fold alike (case, width, ligatures, compatibility forms, combining marks),
+# punctuation, odd whitespace and code points a fast path could mistake for a separator.
+TRICKY = (
+    ["Straße", "STRASSE", "ﬁle", "ＡＢＣ", "Σίσυφος", "ΣΊΣΥΦΟΣ", "naïve", "nai\u0308ve", "東京", "😀", "l'été"]
+    + ["co-op", "U.S.A.", "e\u0301", "İstanbul", "ǅ", "½", "x²", "—", "...", "«", "»", "¿qué?", "\t", "\n"]
+    + ["\u00a0", "\u3000", "\u2028", "\x00", "\uffff", "\U0010ffff", "\x1f", "\x85", "a\u200bb", "ﷺ"]
+)
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "dze", "qua", "ber", "ost", "ing", "ul"]
+
+
+def _stream(label: str):
+    """Bytes that depend only on `label` (sha256 in counter mode): the same corpus on every platform."""
+    counter = 0
+    while True:
+        yield from hashlib.sha256(f"{label}:{counter}".encode()).digest()
+        counter += 1
+
+
+def pinned_corpus(docs: int = 1100) -> list[tuple[str, str]]:
+    """(doc_id, text) of a fixed corpus in two read batches: documents over 600 made-up words and TRICKY,
+    empty and short ones, one longer than a hash chunk, exact copies (other case and spacing) and near copies
+    (one word changed)."""
+    rand = _stream("pinned-corpus")
+    vocabulary = [
+        "".join(SYLLABLES[next(rand) % len(SYLLABLES)] for _ in range(1 + next(rand) % 3)) for _ in range(600)
+    ]
+    vocabulary += TRICKY
+    texts = []
+    for i in range(docs):
+        kind = next(rand) % 20
+        if kind == 0 and texts:  # an exact copy: case and spacing differ
+            texts.append("  " + texts[next(rand) % len(texts)].upper().replace(" ", "\n "))
+            continue
+        if kind == 1 and texts:  # a near copy: one word changed
+            words = texts[next(rand) % len(texts)].split(" ")
+            words[next(rand) % len(words)] = "changed"
+            texts.append(" ".join(words))
+            continue
+        length = next(rand) % 5 if kind == 2 else 20 + next(rand) % 200 if i != 7 else 9000
+        texts.append(" ".join(vocabulary[(next(rand) << 8 | next(rand)) % len(vocabulary)] for _ in range(length)))
+    return [(f"doc{i:05d}", text) for i, text in enumerate(texts)]
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# The sha256 of every file the signature pass writes for pinned_corpus() (one shard), with and without
+# punctuation stripping. A change here changes every stored signature, band and cluster: make it on purpose.
+PINNED_SIGNATURE_FILES = {
+    True: {
+        "minhash/shard-00000.bands.npy": "bc699b377ec443c608bc30777c5126df4092e22da9242505a801c7f3dd5e8d24",
+        "minhash/shard-00000.rows.npy": "b064783e67828b9e2ecfa29cff7f782958bedc5bb0ac500e912b1ee3001070c3",
+        "minhash/shard-00000.sig.npy": "903670c47eb126d65521449805d765b8077f98b20df401368fbf0255d005dde6",
+        "signatures/shard-00000.sig": "77c4bea397c5b1de6a7ebdbe5aea3e74650d080531b0ee288891f9aa42002934",
+    },
+    False: {
+        "minhash/shard-00000.bands.npy": "c54e3fdf18f97aae481415d1bb1975952d332a744c9672d15f7e672aae49f68f",
+        "minhash/shard-00000.rows.npy": "099abddb84d120c4ddfe97ff5c1b12793bd282a11f106c5ddc26304ff254ca33",
+        "minhash/shard-00000.sig.npy": "bd84c706660181261c02c44853a03d406f692e3297007277adc8d004656ca1f2",
+        "signatures/shard-00000.sig": "0750abf4cf511763ad9bf57f5142a39ab956d0141f94ceb3df0f19f7d4652051",
+    },
+}
+
+
+@pytest.mark.parametrize("strip_punctuation", [True, False])
+def test_the_signature_pass_writes_the_pinned_bytes(tmp_path, strip_punctuation):
+    docs = pinned_corpus()
+    src = tmp_path / "shard-00000.parquet"
+    pq.write_table(pa.table({"doc_id": [d for d, _ in docs], "text": [t for _, t in docs]}), src)
+    assert hash_shard(src, tmp_path / "out", strip_punctuation, DedupConfig().minhash()) == len(docs)
+    written = {str(p.relative_to(tmp_path / "out")): _sha256(p) for p in sorted((tmp_path / "out").rglob("*.*"))}
+    assert written == PINNED_SIGNATURE_FILES[strip_punctuation]
+
+
+# What the stage keeps and clusters for pinned_corpus() in three shards: sha256 of the clusters' rows and of
+# the kept doc_ids, as JSON.
+PINNED_CLUSTERS = "f35b905791d8aeac4070d5d6a0d2b9345d2ab7950047c3bc13b10cf9e52d7aed"
+PINNED_KEPT = "18fd5ba0800740fbfcb2ee2196bc600ee6ef22e074da26f80fe8b687fbb24be8"
+
+
+def test_the_stage_keeps_and_clusters_the_pinned_documents(tmp_path):
+    docs = pinned_corpus()
+    root = tmp_path / "store"
+    ref = STAGE.run(root, DedupConfig(), {"clean": publish_clean(root, [docs[i::3] for i in range(3)])})
+    folder = Store(root).path("dedup", ref.version)
+    clusters = pq.read_table(folder / "clusters" / "clusters.parquet").to_pylist()
+    kept = _read_docs(folder)
+    metrics = Store(root).manifest("dedup", ref.version)["metrics"]
+    assert metrics["exact_duplicates"] > 40 and metrics["near_duplicates"] > 25  # the copies are found
+    digest = {
+        name: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+        for name, value in (("clusters", clusters), ("kept", kept))
+    }
+    assert digest == {"clusters": PINNED_CLUSTERS, "kept": PINNED_KEPT}

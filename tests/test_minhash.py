@@ -1,3 +1,4 @@
+import hashlib
 import re
 from pydoc_data.topics import topics
 
@@ -16,6 +17,7 @@ from tasks.minhash import (
     range_slice,
     shingles,
     signatures,
+    word_hashes,
 )
 
 PARAMS = MinHashParams(ngram_size=5, bands=14, rows_per_band=8, seed=1)
@@ -51,24 +53,62 @@ def test_estimated_jaccard_follows_the_true_one():
     for rate in (0.02, 0.1, 0.3):
         changed = [w if rng.random() > rate else f"x{i}" for i, w in enumerate(words)]
         true = jaccard(shingle_set(" ".join(words)), shingle_set(" ".join(changed)))
-        sigs = signatures([normalize_for_dedup(" ".join(t)).split() for t in (words, changed)], PARAMS, {})
+        sigs = signatures([normalize_for_dedup(" ".join(t)) for t in (words, changed)], PARAMS)
         estimate = float(estimated_jaccard(sigs[:1], sigs[1:])[0])
         assert abs(estimate - true) < 0.12, (rate, true, estimate)  # 112 hashes: standard error <= 0.05
 
 
 def test_word_order_counts_and_short_documents_have_one_shingle():
-    values, owner = shingles([["a", "b", "c"], [], ["a", "b", "c", "d", "e", "f"]], PARAMS, {})
+    values, owner = shingles(["a b c", "", "a b c d e f"], PARAMS)
     assert owner.tolist() == [0, 2, 2]
-    sigs = signatures([["a", "b", "c", "d", "e"], ["e", "d", "c", "b", "a"], []], PARAMS, {})
+    sigs = signatures(["a b c d e", "e d c b a", ""], PARAMS)
     assert estimated_jaccard(sigs[:1], sigs[1:2])[0] < 0.1
     assert (sigs[2] == np.iinfo(np.uint32).max).all()
 
 
 def test_a_document_split_across_hash_chunks_gets_the_same_signature(monkeypatch):
     words = " ".join(real_documents()[:20]).split()
-    whole = signatures([words], PARAMS, {})
+    whole = signatures([" ".join(words)], PARAMS)
     monkeypatch.setattr("tasks.minhash.CHUNK_SHINGLES", 100)
-    assert np.array_equal(signatures([words[:50], words], PARAMS, {})[1], whole[0])
+    assert np.array_equal(signatures([" ".join(words[:50]), " ".join(words)], PARAMS)[1], whole[0])
+
+
+def test_words_are_hashed_with_blake2b_and_empty_words_are_none():
+    hashes, lengths = word_hashes(["straße a  straße", "", "  ", " a "])
+    blake2b = {
+        w: int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little") for w in ("straße", "a")
+    }
+    assert hashes.tolist() == [blake2b[w] for w in ("straße", "a", "straße", "a")]
+    assert lengths.tolist() == [3, 0, 0, 1]
+    assert np.array_equal(signatures(["  a b  c d e f "], PARAMS), signatures(["a b c d e f"], PARAMS))
+
+
+def pinned_texts() -> list[str]:
+    """Fixed texts of words (as normalisation leaves them): short ones, empty ones, non-ASCII words and one
+    text of 20,000 words, longer than a hash chunk; the same on every platform (sha256 in counter mode)."""
+    stream = (byte for counter in range(10**6) for byte in hashlib.sha256(f"texts:{counter}".encode()).digest())
+    vocabulary = [f"w{i}" for i in range(300)] + ["straße", "東京", "😀", "naïve", "σίσυφος", "x²", "a\u0301"]
+    sizes = [next(stream) % 4 if i % 9 == 0 else 5 + next(stream) for i in range(300)] + [20000]
+    return [" ".join(vocabulary[(next(stream) << 8 | next(stream)) % len(vocabulary)] for _ in range(n)) for n in sizes]
+
+
+# sha256 of signatures(pinned_texts()) (the bytes of the uint32 array) with the stage's defaults and with
+# 3-grams, 4 bands of 2, seed 7; and of shingles' (values, owner). Changing one changes every stored
+# signature: make it on purpose.
+PINNED_SIGNATURES = "ab58555495beb9a9edc60246b7b07e6b5ea81a281bb35568fdfc5c16ce3327b1"
+PINNED_SIGNATURES_3GRAMS = "48182e676acc2e1c2b007f1334466d6ea0baf12e3a5061c1ec2ceedd11a3063d"
+PINNED_SHINGLES = "7e850c7c98a7919e0634aa519dbcc6d7a77df0110b7773384e39e1ea43ba4d4d"
+
+
+def test_signatures_are_the_pinned_values():
+    texts = pinned_texts()
+    sigs = signatures(texts, PARAMS)
+    assert sigs.shape == (301, 112) and sigs.dtype == np.uint32 and sigs.flags.c_contiguous
+    assert hashlib.sha256(sigs.tobytes()).hexdigest() == PINNED_SIGNATURES
+    other = signatures(texts, MinHashParams(ngram_size=3, bands=4, rows_per_band=2, seed=7))
+    assert hashlib.sha256(other.tobytes()).hexdigest() == PINNED_SIGNATURES_3GRAMS
+    values, owner = shingles(texts, PARAMS)
+    assert hashlib.sha256(values.tobytes() + owner.tobytes()).hexdigest() == PINNED_SHINGLES
 
 
 def test_bucket_pairs_link_each_member_to_the_first_and_the_previous():
