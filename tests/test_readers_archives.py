@@ -223,3 +223,45 @@ def test_a_jsonl_file_becomes_units_of_shard_docs_documents(tmp_path, reads):
     reads.clear()
     assert output(extract(root, files, tag="again", shard_docs=2)) == output(manifest)
     assert reads == []
+
+
+def test_every_document_format_a_user_brings_goes_through_the_extract_stage(tmp_path):
+    import gzip
+
+    import zstandard
+    from test_readers_warc import TEXTS, http_response, page, warcinfo, wet_records
+
+    table = pa.table({"id": ["p0", "p1"], "text": ["parquet row zero", "parquet row one"]})
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    article = ["The committee met on Tuesday and approved the budget for the new library."] * 3
+    html = page("Budget", article).encode()
+    files = {
+        "CC-MAIN-00000.warc.wet.gz": b"".join(gzip.compress(r) for r in wet_records(TEXTS)),
+        "CC-MAIN-00000.warc.gz": b"".join(
+            gzip.compress(r)
+            for r in (
+                warcinfo("CC-MAIN-00000.warc.gz"),
+                http_response("https://news.example/budget", html, 1, headers="Content-Type: text/html\r\n"),
+            )
+        ),
+        "rows.parquet": buffer.getvalue().to_pybytes(),
+        "notes.txt": b"A plain text file is one document.\n",
+        "records.dat": zstandard.ZstdCompressor().compress(b'{"text": "zstd json line"}\n'),
+    }
+    root = tmp_path / "store"
+    manifest = extract(root, files)
+    folder = Store(root).path("extract", manifest["version"]) / "docs"
+    docs = pa.concat_tables(pq.read_table(p) for p in sorted(folder.iterdir())).to_pylist()
+    by_source = {}
+    for doc in docs:
+        by_source.setdefault(doc["source"], []).append(doc["text"])
+    for url, text in TEXTS.items():  # WET: one document per record, the record's URL as its source
+        assert by_source[url] == [text]
+    (budget,) = by_source["https://news.example/budget"]  # WARC: the page's main text only
+    assert article[0] in budget and "newsletter" not in budget.lower()
+    assert sorted(by_source["rows.parquet"]) == ["parquet row one", "parquet row zero"]
+    assert by_source["notes.txt"] == ["A plain text file is one document.\n"]
+    assert by_source["records.dat"] == ["zstd json line"]  # JSON Lines by content, zstd by magic
+    assert {d["doc_id"] for d in docs if d["source"] == "rows.parquet"} == {"rows/p0", "rows/p1"}
+    assert manifest["metrics"]["docs"] == len(docs) == len(TEXTS) + 5
