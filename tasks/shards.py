@@ -1,19 +1,13 @@
-"""Document shards shared by the data stages: where they live, how they are read, and the process pool
-that works on them one shard per job."""
+"""Document shards shared by the data stages: where they live and how they are read (the per-shard work
+itself goes through tasks/shardmap.py)."""
 
-import multiprocessing
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.errors import DataIntegrityError
-
-T = TypeVar("T")
 
 DOCS = "docs"
 # Documents per read batch and per output row group: bounds a worker's memory whatever the shard size.
@@ -64,29 +58,3 @@ def _batch_plan(metadata: pq.FileMetaData, columns: list[str] | None, batch_size
         else:
             plan.append(([index], rows))
     return plan
-
-
-@contextmanager
-def process_pool(workers: int, jobs: int) -> Iterator[ProcessPoolExecutor | None]:
-    """A pool of up to `workers` processes for `jobs` jobs, or None when they run inline (one worker).
-
-    Processes are spawned rather than forked so that no lock or thread of the parent (Prefect's logging and
-    API client, the tokenizer library's thread pool) is inherited half-held. As with any spawned pool, a
-    script that starts one needs an `if __name__ == "__main__":` guard.
-    """
-    workers = min(workers, jobs)
-    if workers <= 1:
-        yield None
-        return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        yield pool
-
-
-def map_jobs(pool: ProcessPoolExecutor | None, fn: Callable[..., T], jobs: Sequence[tuple[Any, ...]]) -> list[T]:
-    """`[fn(*job) for job in jobs]`, in `pool` when there is one; results come back in job order.
-
-    `fn` must be a module-level function and the jobs picklable.
-    """
-    if pool is None:
-        return [fn(*job) for job in jobs]
-    return list(pool.map(fn, *zip(*jobs, strict=True)))

@@ -1,9 +1,15 @@
 import json
+import random
+import re
+import string
+import unicodedata
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from builders import DOC_SCHEMA, publish_docs
@@ -29,6 +35,8 @@ from tasks.clean import (
     is_ellipsis_line,
     normalize_text,
 )
+from tasks.sample_data import default_corpus_documents
+from tasks.shards import read_batches
 
 PROSE = (
     "The json module exposes an API that is familiar to users of the pickle module. It converts Python "
@@ -294,7 +302,8 @@ def test_threshold_keeps_a_document_on_it_and_drops_one_just_past_it(case: Thres
 
 def test_every_threshold_of_the_config_is_tested_on_its_edge():
     thresholds = {name for name in CleanConfig.model_fields if name.startswith(("min_", "max_"))}
-    assert thresholds == {case.setting for case in THRESHOLDS}
+    # min_language_score is tested on the score detected on a mixed document, in test_language.py.
+    assert thresholds - {"min_language_score"} == {case.setting for case in THRESHOLDS}
 
 
 def test_first_failing_filter_names_the_reason():
@@ -340,7 +349,7 @@ def test_stage_cleans_keeps_and_audits_removed_documents(tmp_path):
     assert [row["doc_id"] for row in kept] == ["good-1", "good-2"]
     assert kept[0]["text"] == PROSE.replace(". ", ".\n")
     assert all(row["n_bytes"] == len(row["text"].encode()) for row in kept)
-    assert set(kept[0]) == set(DOC_SCHEMA.names)
+    assert set(kept[0]) == set(DOC_SCHEMA.names) | {"language", "language_score"}
 
     removed = read_rows(folder / "removed" / "shard-00000.parquet") + read_rows(
         folder / "removed" / "shard-00001.parquet"
@@ -416,3 +425,337 @@ def test_corrupt_shard_and_empty_input_are_clear_errors(tmp_path):
 def test_separator_characters_become_whitespace_not_glue():
     text = "end of page\x0cNext page\x85line two\x1fword\u2028last\x0bline\x00!"
     assert normalize_text(text) == "end of page\nNext page\nline two word\nlast\nline!"
+
+
+# -- the fast filters decide as the plain ones did -------------------------------------------------------
+# The filters' logic as first written (one Python step per word and per line), kept word for word as the
+# reference: the fast helpers must give every filter, at every threshold, the same decision on any text.
+
+_REF_PUNCTUATION = string.punctuation + "“”‘’«»…–—"
+
+
+def _ref_normalize(text):
+    text = unicodedata.normalize("NFC", text)
+    text = re.sub("\r\n|[\r\x0b\x0c\x85\u2028\u2029]", "\n", text)
+    text = re.sub("[\x1c-\x1f]", " ", text)
+    text = re.sub("[\x00-\x08\x0b-\x1f\x7f-\x9f]", "", text)
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def _ref_words(text):
+    return tuple(word for word in (raw.strip(_REF_PUNCTUATION) for raw in text.split()) if word)
+
+
+def _ref_lines(text):
+    return tuple(line for line in text.split("\n") if line.strip())
+
+
+def _ref_paragraphs(text):
+    return tuple(p for p in (p.strip() for p in text.split("\n\n")) if p)
+
+
+def _ref_duplicate_share(items):
+    if not items:
+        return 0.0, 0.0
+    seen = set()
+    dup_items = dup_chars = 0
+    for item in items:
+        if item in seen:
+            dup_items += 1
+            dup_chars += len(item)
+        else:
+            seen.add(item)
+    return dup_items / len(items), dup_chars / max(1, sum(len(item) for item in items))
+
+
+def _ref_decide(f, text):
+    """The decision of filter `f` on `text`, by its class's logic as first written."""
+    if isinstance(f, ReplacementCharFilter):
+        return "invalid_utf8" if text and text.count("\ufffd") / len(text) > f.max_fraction else None
+    if isinstance(f, WordCountFilter):
+        n = len(_ref_words(text))
+        return "too_short" if n < f.min_words else "too_long" if n > f.max_words else None
+    if isinstance(f, PhraseFilter):
+        return f.reason if f.phrase in (text.lower() if f.ignore_case else text) else None
+    if isinstance(f, MeanWordLengthFilter):
+        words = _ref_words(text)
+        if not words:
+            return "mean_word_length"
+        mean = sum(len(word) for word in words) / len(words)
+        return None if f.min_length <= mean <= f.max_length else "mean_word_length"
+    if isinstance(f, SymbolWordRatioFilter):
+        words = text.split()
+        if not words:
+            return None
+        ratio = max(text.count("#"), text.count("...") + text.count("…")) / len(words)
+        return "symbol_word_ratio" if ratio > f.max_ratio else None
+    if isinstance(f, AlphaWordsFilter):
+        words = text.split()
+        if not words:
+            return None
+        alpha = sum(1 for word in words if any(ch.isalpha() for ch in word))
+        return "alpha_words_frac" if alpha / len(words) < f.min_fraction else None
+    if isinstance(f, StopWordsFilter):
+        found = {word.lower() for word in _ref_words(text)} & f.STOP_WORDS
+        return "stop_words" if len(found) < f.min_count else None
+    if isinstance(f, LineShareFilter):
+        lines = _ref_lines(text)
+        if not lines:
+            return None
+        share = sum(1 for line in lines if f.predicate(line)) / len(lines)
+        return f.reason if share > f.max_fraction else None
+    if isinstance(f, RepetitionFilter):
+        para_frac, para_char_frac = _ref_duplicate_share(_ref_paragraphs(text))
+        if para_frac > f.max_para_frac:
+            return "dup_para_frac"
+        if para_char_frac > f.max_para_char_frac:
+            return "dup_para_char_frac"
+        line_frac, line_char_frac = _ref_duplicate_share(_ref_lines(text))
+        if line_frac > f.max_line_frac:
+            return "dup_line_frac"
+        return "dup_line_char_frac" if line_char_frac > f.max_line_char_frac else None
+    if isinstance(f, LinePunctuationFilter):
+        lines = _ref_lines(text)
+        if not lines:
+            return None
+        share = sum(1 for line in lines if line.endswith((".", "!", "?", '"', "'"))) / len(lines)
+        return "line_punct_frac" if share < f.min_fraction else None
+    raise TypeError(f)
+
+
+# Pieces that sit on the edges of the fast paths: non-ASCII letters and non-letters (a word of "²½" has no
+# letter, "中" is one), every kind of whitespace str.split knows, stop words in any case (the Kelvin sign
+# lowers to "k", "İ" to two characters), punctuation of both alphabets, bullets, ellipses, control
+# characters, repeated lines and paragraphs.
+_PIECES = [
+    "the",
+    "The",
+    "THE",
+    "and",
+    "And",
+    "of",
+    "to",
+    "be",
+    "with",
+    "that",
+    "have",
+    "word",
+    "Python",
+    "café",
+    "straße",
+    "ΟΔΟΣ",
+    "中文",
+    "²½",
+    "Ⅻ",
+    "12",
+    "3.14",
+    ">>>",
+    "=",
+    "#tag",
+    "...",
+    "…",
+    "so...",
+    "—",
+    "–",
+    "“quoted”",
+    "'x'",
+    "(a)",
+    "[1]",
+    "-",
+    "•",
+    "*",
+    "İ",
+    "\u212a",
+    "\ufffd",
+    "lorem ipsum",
+    "{",
+    "}",
+    "x_y",
+    " ",
+    " ",
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\n",
+    "\n\n",
+    "\n\n\n",
+    "\r\n",
+    "\x0b",
+    "\x0c",
+    "\x1c",
+    "\x1f",
+    "\x85",
+    "\xa0",
+    "\u2028",
+    "\u3000",
+    "\x00",
+    "\x07",
+    "\x7f",
+    "\x9f",
+    "e\u0301",
+    ".",
+    "!",
+    "?",
+    '"',
+    "'",
+]
+
+
+_ASCII_PIECES = [piece for piece in _PIECES if piece.isascii()]  # ASCII text takes a path of its own
+
+
+def _fuzz_texts(count, seed=0):
+    rng = random.Random(seed)
+    texts = []
+    for i in range(count):
+        pool = _ASCII_PIECES if i % 2 else _PIECES
+        pieces = [rng.choice(pool) for _ in range(rng.randint(0, 120))]
+        if rng.random() < 0.3:  # repeated lines and paragraphs
+            line = " ".join(rng.choice(_PIECES[:20]) for _ in range(5))
+            pieces += ["\n", line, "\n", line, "\n\n", line] * rng.randint(1, 3)
+        texts.append("".join(pieces))
+    return texts
+
+
+def _filters_at_many_thresholds():
+    fractions = [i / 20 for i in range(21)]
+    filters = [ReplacementCharFilter(t / 10) for t in fractions]
+    filters += [WordCountFilter(n, n + 40) for n in (0, 1, 5, 20, 50)]
+    filters += [PhraseFilter("lorem ipsum", "lorem_ipsum"), PhraseFilter("{", "curly_bracket", ignore_case=False)]
+    filters += [MeanWordLengthFilter(lo, hi) for lo in (0, 2, 3, 4) for hi in (4, 6, 10, 12)]
+    filters += [SymbolWordRatioFilter(t / 2) for t in fractions]
+    filters += [AlphaWordsFilter(t) for t in fractions]
+    filters += [StopWordsFilter(n) for n in range(9)]
+    filters += [LineShareFilter(is_bullet_line, t, "bullet_lines") for t in fractions]
+    filters += [LineShareFilter(is_ellipsis_line, t, "ellipsis_lines") for t in fractions]
+    filters += [LineShareFilter(lambda line: "a" in line, t, "has_a") for t in fractions[::4]]
+    filters += [
+        RepetitionFilter(a, b, c, d)
+        for a in (0.1, 0.3, 1.0)
+        for b in (0.2, 1.0)
+        for c in (0.1, 0.3, 1.0)
+        for d in (0.2, 1.0)
+    ]
+    filters += [LinePunctuationFilter(t) for t in fractions]
+    return filters
+
+
+@pytest.fixture(scope="module")
+def varied_corpus():
+    """The embedded corpus's documents (normalised, as the stage judges them) and fuzzed texts raw."""
+    docs = [normalize_text(text) for _, text in default_corpus_documents()]
+    fuzz = _fuzz_texts(400)
+    return docs + fuzz + [normalize_text(text) for text in fuzz]
+
+
+def test_normalize_gives_the_text_the_plain_version_gave(varied_corpus):
+    for text in varied_corpus + _fuzz_texts(400, seed=1):
+        assert normalize_text(text) == _ref_normalize(text), repr(text)
+
+
+@pytest.mark.slow  # ~140 filters on ~2,400 texts, through the reference too
+def test_every_filter_decides_as_the_plain_version_at_every_threshold(varied_corpus):
+    filters = _filters_at_many_thresholds()
+    reasons = Counter()
+    for text in varied_corpus:
+        for f in filters:
+            expected = _ref_decide(f, text)
+            assert f.decide(text) == expected, (type(f).__name__, vars(f), repr(text[:200]))
+            reasons[expected] += 1
+    # The inputs reach every decision (a comparison that only ever saw documents kept would prove little).
+    assert set(reasons) == {
+        None, "invalid_utf8", "too_short", "too_long", "lorem_ipsum", "curly_bracket", "mean_word_length",
+        "symbol_word_ratio", "alpha_words_frac", "stop_words", "bullet_lines", "ellipsis_lines", "has_a",
+        "dup_para_frac", "dup_para_char_frac", "dup_line_frac", "dup_line_char_frac", "line_punct_frac",
+    }  # fmt: skip
+
+
+# -- the stage's files: the same bytes as before, and cached per shard -------------------------------------
+
+
+def _ref_clean_shard(src, docs_out, removed_out, cfg):
+    """The stage's shard cleaning as first written, on the reference normalisation and decisions."""
+    filters = build_filters(cfg)
+    schema = pq.read_schema(src)
+    if "n_bytes" not in schema.names:
+        schema = schema.append(pa.field("n_bytes", pa.int64()))
+    removed_schema = schema.append(pa.field("reason", pa.string()))
+    with (
+        pq.ParquetWriter(docs_out, schema, compression="zstd") as kept_writer,
+        pq.ParquetWriter(removed_out, removed_schema, compression="zstd") as removed_writer,
+    ):
+        for batch in read_batches(src):
+            table = pa.Table.from_batches([batch])
+            cleaned = [_ref_normalize(text or "") for text in table.column("text").to_pylist()]
+            verdicts = [next((r for f in filters if (r := _ref_decide(f, text))), None) for text in cleaned]
+            sizes = [len(text.encode("utf-8")) for text in cleaned]
+            table = table.set_column(table.column_names.index("text"), "text", pa.array(cleaned, type=pa.string()))
+            table = table.set_column(table.column_names.index("n_bytes"), "n_bytes", pa.array(sizes, pa.int64()))
+            keep = [i for i, reason in enumerate(verdicts) if reason is None]
+            drop = [i for i, reason in enumerate(verdicts) if reason is not None]
+            kept_writer.write_table(table.take(pa.array(keep, pa.int64())).cast(schema))
+            dropped = table.take(pa.array(drop, pa.int64())).append_column(
+                "reason", pa.array([verdicts[i] for i in drop], pa.string())
+            )
+            removed_writer.write_table(dropped.cast(removed_schema))
+
+
+def _varied_shards():
+    docs = [(f"doc-{i}", text) for i, (_, text) in enumerate(default_corpus_documents()[:300])]
+    docs += [(f"fuzz-{i}", text) for i, text in enumerate(_fuzz_texts(100, seed=2))]
+    docs += [("spam", "#buy #cheap #pills " * 30), ("dup", "same line\n" * 20), ("lorem", PROSE + " Lorem ipsum.")]
+    random.Random(3).shuffle(docs)
+    return [docs[i : i + 150] for i in range(0, len(docs), 150)]
+
+
+@pytest.mark.parametrize("preset", ["default", "web"])
+def test_the_stage_writes_the_bytes_the_plain_version_wrote(tmp_path, preset):
+    root = tmp_path / "store"
+    cfg = (CleanConfig.web if preset == "web" else CleanConfig)(languages=[])  # the filters there were
+    extract = publish_extract(root, _varied_shards())
+    folder = Store(root).path("clean", STAGE.run(root, cfg, {"extract": extract}).version)
+    shards = sorted((Store(root).path("extract", extract) / "docs").glob("*.parquet"))
+    assert len(shards) == 3
+    for src in shards:
+        (tmp_path / "ref").mkdir(exist_ok=True)
+        _ref_clean_shard(src, tmp_path / "ref" / "docs.parquet", tmp_path / "ref" / "removed.parquet", cfg)
+        assert (folder / "docs" / src.name).read_bytes() == (tmp_path / "ref" / "docs.parquet").read_bytes()
+        assert (folder / "removed" / src.name).read_bytes() == (tmp_path / "ref" / "removed.parquet").read_bytes()
+    assert pq.read_table(folder / "removed").num_rows > 50  # the filters did remove documents
+
+
+def _shard_entries(root):
+    return sorted(path.name for path in (root / "clean" / ".shards" / "clean").glob("*/*"))
+
+
+def test_a_new_extract_version_recleans_only_its_new_shard_and_writes_the_same_bytes(tmp_path):
+    root = tmp_path / "store"
+    shards = [[(f"doc-{s}-{i}", f"{PROSE} Shard {s}, document {i}.") for i in range(20)] for s in range(3)]
+    first = STAGE.run(root, CleanConfig(), {"extract": publish_extract(root, shards[:2], version="extract-v1")})
+    assert len(_shard_entries(root)) == 2
+    # A nightly extract: the same two shards and a new one. A new clean version, two shards from the cache.
+    second = STAGE.run(root, CleanConfig(), {"extract": publish_extract(root, shards, version="extract-v2")})
+    assert second.version != first.version and not second.reused
+    assert len(_shard_entries(root)) == 3
+    store = Store(root)
+    before, after = (store.manifest("clean", ref.version)["files"] for ref in (first, second))
+    assert {name: after[name] for name in before} == before
+    assert set(after) - set(before) == {"docs/shard-00002.parquet", "removed/shard-00002.parquet"}
+    assert store.manifest("clean", second.version)["metrics"]["docs_in"] == 60
+    # A forced rebuild of the same version is made of the cached shards alone, to the same bytes.
+    forced = STAGE.run(root, CleanConfig(), {"extract": "extract-v2"}, force=True)
+    assert forced.version == second.version and len(_shard_entries(root)) == 3
+    assert store.manifest("clean", forced.version)["files"] == after
+
+
+def test_a_cached_shard_is_recomputed_when_a_setting_changes(tmp_path):
+    root = tmp_path / "store"
+    extract = publish_extract(root, [[("a", PROSE), ("b", PROSE + " More words here.")]])
+    STAGE.run(root, CleanConfig(), {"extract": extract})
+    ref = STAGE.run(root, CleanConfig(min_words=52), {"extract": extract})  # PROSE has 51 words
+    assert len(_shard_entries(root)) == 2
+    removed = read_rows(Store(root).path("clean", ref.version) / "removed" / "shard-00000.parquet")
+    assert [row["reason"] for row in removed] == ["too_short"]
