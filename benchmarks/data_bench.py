@@ -58,8 +58,6 @@ OWT_ARCHIVE_MB = 12_000
 PROJECTED_CORES = (2, 16, 64)
 # Stages whose every part runs in one process, one core: their time does not fall with more cores.
 SERIAL_STAGES = ("download", "tokenizer")
-# Stages that spread their work over threads of the tokenizer library inside the stage's own process.
-THREADED_STAGES = ("tokens",)
 SAMPLE_SECONDS = 0.05
 
 
@@ -430,14 +428,15 @@ def incremental(run: dict[str, Any], args: argparse.Namespace, work: Path) -> di
 # -- projection -----------------------------------------------------------------------------------------
 
 
-def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(fixed, per MB) through the measured (MB, value) points: a line through the two largest, or through
-    the origin with one point or where the line would fall with size."""
+def _fit(points: list[tuple[float, float]], flat_when_not_growing: bool = False) -> tuple[float, float]:
+    """(fixed, per MB) through the measured (MB, value) points: a line through the two largest, or, with one
+    point or where the line would fall with size, through the origin (times) or flat (memory: a peak that did
+    not grow with the corpus is bounded by the batch, not by the corpus)."""
     points = sorted(points)
     (x1, y1), (x2, y2) = (points[-2], points[-1]) if len(points) > 1 else ((0.0, 0.0), points[-1])
     slope = (y2 - y1) / (x2 - x1) if x2 > x1 else 0.0
-    if slope <= 0:
-        return 0.0, y2 / x2 if x2 else 0.0
+    if slope <= 0 or (flat_when_not_growing and y2 <= 1.05 * y1):
+        return (y2, 0.0) if flat_when_not_growing else (0.0, y2 / x2 if x2 else 0.0)
     return max(0.0, y2 - slope * x2), slope
 
 
@@ -445,8 +444,7 @@ def parallel_share(name: str, stage: dict[str, Any], cores: int) -> float:
     """The share of a stage's wall time that more cores would shorten (see the module's docstring)."""
     if name in SERIAL_STAGES or stage["seconds"] <= 0:
         return 0.0
-    work = stage["self_cpu_s"] if name in THREADED_STAGES else stage["worker_cpu_s"]
-    return min(1.0, work / cores / stage["seconds"])
+    return min(1.0, stage["worker_cpu_s"] / cores / stage["seconds"])
 
 
 def project(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
@@ -463,7 +461,9 @@ def project(runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, A
         moved = largest["stages"][name]["store_bytes"] * scale * 2  # read the input, write the output
         dask = serial + parallel_on_one / args.dask_cores + moved / (args.dask_gbs * 1e9)
         hours["dask"] = dask / 3600
-        m_fixed, m_per_mb = _fit([(r["corpus"]["text_bytes"] / MB, r["stages"][name]["peak_main_mb"]) for r in runs])
+        m_fixed, m_per_mb = _fit(
+            [(r["corpus"]["text_bytes"] / MB, r["stages"][name]["peak_main_mb"]) for r in runs], True
+        )
         worker_mb = largest["stages"][name]["peak_worker_mb"]
         rows[name] = {
             "hours": hours,

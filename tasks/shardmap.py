@@ -33,14 +33,9 @@ from concurrent.futures import wait as futures_wait
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
-
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
-from prefect.futures import as_completed
-from prefect.tasks import exponential_backoff
 
 from storage.store import SHARD_RESULT as RESULT
 from storage.store import SHARDS, canonical_json
@@ -226,6 +221,8 @@ def map_shards(
     with several steps opens one); otherwise one of `workers` processes is opened for this call.
     Every job is attempted; then the first failure, if any, is raised.
     """
+    from prefect.context import FlowRunContext  # here, not at import: worker processes import this module
+
     address = _DASK_ADDRESS.get()
     in_flow = FlowRunContext.get() is not None
     if in_flow and address is not None:  # every shard a task run on the cluster's workers
@@ -284,6 +281,8 @@ def _first_done(futures: list[Any]) -> Any:
     if isinstance(futures[0], Future):
         done, _ = futures_wait(futures, return_when=FIRST_COMPLETED)
         return next(f for f in futures if f in done)
+    from prefect.futures import as_completed
+
     return next(as_completed(futures))
 
 
@@ -305,20 +304,31 @@ def _outcome(future: Any) -> tuple[bool, Any]:
 # -- Prefect --------------------------------------------------------------------------------------------
 
 
-@task(persist_result=False, cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient_only)
-def shard_task(scope: ShardScope, step: str, fn: Callable[..., dict[str, Any]], job: ShardJob, pool_id: str) -> dict:
+def _shard_run(scope: ShardScope, step: str, fn: Callable[..., dict[str, Any]], job: ShardJob, pool_id: str) -> dict:
     """One shard as one task run (its work runs in the map's worker pool when there is one in this process)."""
     return run_job(scope, step, fn, job, pool_id)
+
+
+@cache
+def shard_task() -> Any:
+    from prefect import task
+    from prefect.cache_policies import NO_CACHE
+
+    return task(persist_result=False, cache_policy=NO_CACHE, retries=2, retry_condition_fn=retry_transient_only)(
+        _shard_run
+    )
 
 
 def _task_run_submitter(
     scope: ShardScope, step: str, fn: Callable[..., dict[str, Any]], pool_id: str, runner: Any
 ) -> Callable[[ShardJob], Any]:
     """Inside a flow: each job a task run, through `runner` (a Dask task runner) or the flow's own."""
+    from prefect.tasks import exponential_backoff
+
     options: dict[str, Any] = {"name": f"{scope.stage}-{step}", "retry_delay_seconds": exponential_backoff(2)}
 
     def submit(job: ShardJob) -> Any:
-        named = shard_task.with_options(task_run_name=f"{scope.stage}-{step}-{job.name}", **options)
+        named = shard_task().with_options(task_run_name=f"{scope.stage}-{step}-{job.name}", **options)
         if runner is None:
             return named.submit(scope, step, fn, job, pool_id)
         parameters = {"scope": scope, "step": step, "fn": fn, "job": job, "pool_id": pool_id}

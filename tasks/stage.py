@@ -6,6 +6,9 @@ writes the stage's files into `ctx.out` and returns its metrics, and then
 
     STAGE = Stage(name="clean", module=__name__, config=CleanConfig, build=build, inputs=("extract",))
     clean_task = stage_task(STAGE)
+
+Prefect is imported only where a task is first used, not by importing a stage module: the worker processes
+that run a stage's shards import its module for their functions, and Prefect would cost each ~1.5 s.
 """
 
 import fnmatch
@@ -13,19 +16,15 @@ import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.serializers import Serializer
-from prefect.tasks import exponential_backoff
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from storage.errors import ConfigError, GptflowError, TransientError
 from storage.fingerprint import code_fingerprint, library_versions
 from storage.store import StageRef, Store, version_id
-from tasks.artifacts import ProgressArtifact, publish_summary
 
 
 class StageConfig(BaseModel):
@@ -221,22 +220,28 @@ def result_storage(storage: str | Path) -> Path:
     return Store(storage).root / "runs" / ".prefect-results"
 
 
-class StageRefSerializer(Serializer):
-    """Persists a stage task's result, a StageRef, as plain JSON: a result record never holds code to run."""
-
-    type: str = Field(default="gptflow-stage-ref", frozen=True)
-
-    def dumps(self, obj: StageRef) -> bytes:
-        return json.dumps({"stage": obj.stage, "version": obj.version, "reused": obj.reused}).encode()
-
-    def loads(self, blob: bytes) -> StageRef:
-        data = json.loads(blob)
-        if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("stage", "version")):
-            raise ValueError("not a gptflow stage reference")
-        return StageRef(data["stage"], data["version"], reused=bool(data.get("reused")))
+SERIALIZER_TYPE = "gptflow-stage-ref"
 
 
-RESULT_SERIALIZER = StageRefSerializer()
+def stage_ref_from_json(blob: bytes) -> StageRef:
+    data = json.loads(blob)
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("stage", "version")):
+        raise ValueError("not a gptflow stage reference")
+    return StageRef(data["stage"], data["version"], reused=bool(data.get("reused")))
+
+
+@cache
+def result_serializer() -> Any:
+    """The serializer of stage results (tasks/results.py), made where a task is."""
+    from tasks.results import StageRefSerializer
+
+    return StageRefSerializer()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RESULT_SERIALIZER":
+        return result_serializer()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def trusted_record(path: Path, stage: str, version: str) -> bool:
@@ -248,10 +253,10 @@ def trusted_record(path: Path, stage: str, version: str) -> bool:
     """
     try:
         record = json.loads(path.read_bytes())
-        if record["metadata"]["serializer"]["type"] != RESULT_SERIALIZER.type:
+        if record["metadata"]["serializer"]["type"] != SERIALIZER_TYPE:
             return False
         result = record["result"]
-        ref = RESULT_SERIALIZER.loads(result.encode() if isinstance(result, str) else bytes(result))
+        ref = stage_ref_from_json(result.encode() if isinstance(result, str) else bytes(result))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return (ref.stage, ref.version) == (stage, version)
@@ -292,6 +297,28 @@ def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
     return key
 
 
+class LazyTask:
+    """A Prefect task made when it is first called or configured (see the module's docstring)."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self._make = make
+        self._task: Any = None
+
+    @property
+    def task(self) -> Any:
+        if self._task is None:
+            self._task = self._make()
+        return self._task
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.task(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # with_options, fn, name, submit, ...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+
 def stage_task(
     stage: Stage,
     *,
@@ -299,12 +326,21 @@ def stage_task(
     backoff_seconds: float = 5.0,
     cache: bool = True,
     timeout_seconds: float | None = None,
-) -> Any:
+) -> LazyTask:
     """The one thin Prefect task around `stage.run`.
 
     `cache=False` is for stages whose output depends on the outside world (download): their body always
     runs, checks the source's identity, and reuses the stored version when it has not changed.
     """
+    return LazyTask(lambda: _make_stage_task(stage, retries, backoff_seconds, cache, timeout_seconds))
+
+
+def _make_stage_task(stage: Stage, retries: int, backoff_seconds: float, cache: bool, timeout: float | None) -> Any:
+    from prefect import get_run_logger, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.tasks import exponential_backoff
+
+    from tasks.artifacts import ProgressArtifact, publish_summary
 
     def run(
         storage: str,
@@ -340,10 +376,10 @@ def stage_task(
         "retry_jitter_factor": 0.5,
         "retry_condition_fn": retry_transient_only,
         "cache_result_in_memory": False,
-        "timeout_seconds": timeout_seconds,
+        "timeout_seconds": timeout,
     }
     if cache:
-        options.update(cache_key_fn=cache_key(stage), persist_result=True, result_serializer=RESULT_SERIALIZER)
+        options.update(cache_key_fn=cache_key(stage), persist_result=True, result_serializer=result_serializer())
     else:
         options.update(cache_policy=NO_CACHE)
     return task(**options)(run)

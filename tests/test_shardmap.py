@@ -197,3 +197,17 @@ def test_gc_drops_shard_entries_no_version_links_once_unused_for_a_while(tmp_pat
     assert left == ["part-1.txt", "part-3.txt"]  # the linked one and the recently used one
     map_shards(scope(tmp_path), "step", write_job, scratch_only, workers=1)
     assert calls_of(calls) == [1, 2, 2, 3]  # the collected one is simply recomputed
+
+
+def test_the_modules_worker_processes_import_leave_prefect_out():
+    """A shard's function is found by importing its stage module in each worker process: Prefect, which
+    costs each worker ~1.5 s to import, must not come with it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tasks.extract, tasks.clean, tasks.dedup, tasks.tokens; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"
