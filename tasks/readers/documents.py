@@ -40,14 +40,12 @@ import pyarrow.parquet as pq
 import zstandard
 
 from storage.errors import ConfigError, DataIntegrityError
+from tasks.readers.streams import compression_of as stream_compression
 
 FORMATS = ("jsonl", "parquet", "text", "wet", "warc")
 # How much of a file's start detect_document_format wants: several JSON lines or WARC records' headers.
 HEAD_BYTES = 64 << 10
 PARQUET_MAGIC = b"PAR1"
-GZIP_MAGIC = b"\x1f\x8b"
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-XZ_MAGIC = b"\xfd7zXZ\x00"
 # A JSON line holds its text escaped: Python's json.dumps writes a non-ASCII character as \uXXXX (6 bytes
 # for 2-3 UTF-8 bytes, 12 for an emoji's 4), plus the other fields. A line may be this many times
 # max_doc_bytes, plus _LINE_SLACK, before it is skipped unread.
@@ -107,14 +105,10 @@ def _utf8_clean(text: str) -> tuple[str, int, bool]:
 
 
 def compression_of(head: bytes) -> str | None:
-    """ "gzip", "zstd" or "xz" from a stream's first bytes; None when it is not compressed."""
-    if head.startswith(GZIP_MAGIC):
-        return "gzip"
-    if head.startswith(ZSTD_MAGIC):
-        return "zstd"
-    if head.startswith(XZ_MAGIC):
-        return "xz"
-    return None
+    """ "gzip", "zstd" or "xz" from a stream's first bytes; None when it is not compressed, or compressed
+    with bzip2, whose first block rarely ends within a head, so that what it holds cannot be told."""
+    kind = stream_compression(head)
+    return None if kind == "bzip2" else kind
 
 
 def _decompress_head(kind: str, head: bytes, limit: int = HEAD_BYTES) -> bytes:
