@@ -46,12 +46,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from tasks.sample_data import XZ_CHECK, inner_archive, tar_member
+
 T = TypeVar("T")
 
 MB = 1_000_000
-# Fixed member metadata so that the bytes depend on the documents only (2020-01-01T00:00:00Z).
-ARCHIVE_MTIME = 1_577_836_800
-XZ_CHECK = lzma.CHECK_CRC64
 # OpenWebText: ~38 GB of text in ~8.0M documents, ~20,600 inner archives of ~390 documents.
 MEAN_DOC_BYTES = 4_750
 DOCS_PER_INNER = 390
@@ -362,27 +361,6 @@ class CorpusGenerator:
 # -- archives -----------------------------------------------------------------------------------------
 
 
-def _member(name: str, size: int, directory: bool = False) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = ARCHIVE_MTIME
-    info.mode = 0o755 if directory else 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    if directory:
-        info.type = tarfile.DIRTYPE
-    return info
-
-
-def _inner_archive(documents: list[tuple[int, str]], preset: int) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for number, text in documents:
-            data = text.encode("utf-8")
-            tar.addfile(_member(f"{number:07d}-{hashlib.md5(data).hexdigest()}.txt", len(data)), io.BytesIO(data))
-    return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, check=XZ_CHECK, preset=preset)
-
-
 @dataclass
 class SubsetResult:
     subset: int
@@ -408,7 +386,7 @@ def _make_subset(spec: CorpusSpec, pool: SentencePool, subset: int, first: int, 
             if plant is not None:
                 planted.append(plant)
             chunk.append((number, text))
-        inner.append((f"openwebtext/urlsf_subset{subset:02d}-{index + 1}_data.xz", _inner_archive(chunk, spec.preset)))
+        inner.append((f"openwebtext/urlsf_subset{subset:02d}-{index + 1}_data.xz", inner_archive(chunk, spec.preset)))
     return SubsetResult(subset, inner, end - first, text_bytes, kinds, planted)
 
 
@@ -419,9 +397,9 @@ def _write_tar(dest: Path, members: Iterator[tuple[str, bytes]], preset: int | N
         with open(tmp, "wb") as raw:
             packed = lzma.open(raw, "wb", format=lzma.FORMAT_XZ, check=XZ_CHECK, preset=preset) if preset else raw
             with tarfile.open(fileobj=packed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                tar.addfile(_member("openwebtext", 0, directory=True))
+                tar.addfile(tar_member("openwebtext", 0, directory=True))
                 for name, data in members:
-                    tar.addfile(_member(name, len(data)), io.BytesIO(data))
+                    tar.addfile(tar_member(name, len(data)), io.BytesIO(data))
             if packed is not raw:
                 packed.close()
         os.replace(tmp, dest)

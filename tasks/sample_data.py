@@ -293,23 +293,26 @@ def default_finetune_pairs() -> list[dict[str, str]]:
     return _in_fresh_interpreter("pairs")
 
 
-def _tar_member(name: str, size: int) -> tarfile.TarInfo:
+def tar_member(name: str, size: int, directory: bool = False) -> tarfile.TarInfo:
+    """A tar header with fixed owner, mode and time, so that the same content gives the same bytes."""
     info = tarfile.TarInfo(name)
     info.size = size
     info.mtime = ARCHIVE_MTIME
-    info.mode = 0o644
+    info.mode = 0o755 if directory else 0o644
     info.uid = info.gid = 0
     info.uname = info.gname = ""
+    if directory:
+        info.type = tarfile.DIRTYPE
     return info
 
 
-def _inner_archive(documents: Iterable[tuple[int, str]], preset: int) -> bytes:
+def inner_archive(documents: Iterable[tuple[int, str]], preset: int) -> bytes:
     """One `urlsf_subsetNN-M_data.xz`: an xz-compressed tar with one `NNNNNNN-<md5>.txt` per document."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for number, text in documents:
             data = text.encode("utf-8")
-            info = _tar_member(f"{number:07d}-{hashlib.md5(data).hexdigest()}.txt", len(data))
+            info = tar_member(f"{number:07d}-{hashlib.md5(data).hexdigest()}.txt", len(data))
             tar.addfile(info, io.BytesIO(data))
     return lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, check=XZ_CHECK, preset=preset)
 
@@ -343,15 +346,13 @@ def write_openwebtext_archive(
     try:
         with lzma.open(tmp, "wb", format=lzma.FORMAT_XZ, check=XZ_CHECK, preset=preset) as packed:
             with tarfile.open(fileobj=packed, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                folder = _tar_member("openwebtext", 0)
-                folder.type, folder.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(folder)
+                tar.addfile(tar_member("openwebtext", 0, directory=True))
                 for group, start in enumerate(range(0, len(documents), docs_per_subset)):
                     texts = [text for _, text in documents[start : start + docs_per_subset]]
                     chunk = [(start + i, text) for i, text in enumerate(texts)]
                     subset, file_number = divmod(group, subsets_per_file)
-                    data = _inner_archive(chunk, preset)
-                    info = _tar_member(f"openwebtext/urlsf_subset{subset:02d}-{file_number + 1}_data.xz", len(data))
+                    data = inner_archive(chunk, preset)
+                    info = tar_member(f"openwebtext/urlsf_subset{subset:02d}-{file_number + 1}_data.xz", len(data))
                     tar.addfile(info, io.BytesIO(data))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

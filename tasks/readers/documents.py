@@ -46,9 +46,9 @@ FORMATS = ("jsonl", "parquet", "text", "wet", "warc")
 # How much of a file's start detect_document_format wants: several JSON lines or WARC records' headers.
 HEAD_BYTES = 64 << 10
 PARQUET_MAGIC = b"PAR1"
-# A JSON line holds its text escaped: Python's json.dumps writes a non-ASCII character as \uXXXX (6 bytes
-# for 2-3 UTF-8 bytes, 12 for an emoji's 4), plus the other fields. A line may be this many times
-# max_doc_bytes, plus _LINE_SLACK, before it is skipped unread.
+# A JSON line holds its text escaped: Python's json.dumps writes a non-ASCII character as an escape such
+# as \u00e9 (6 bytes for 2-3 UTF-8 bytes, 12 for an emoji's 4), plus the other fields. A line may be this
+# many times max_doc_bytes, plus _LINE_SLACK, before it is skipped unread.
 _LINE_FACTOR = 3
 _LINE_SLACK = 1 << 20
 # Parquet is read in batches of about this many bytes of text (by the row groups' own size statistics),
