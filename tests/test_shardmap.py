@@ -211,3 +211,28 @@ def test_the_modules_worker_processes_import_leave_prefect_out():
     )
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]"
+
+
+def dying_job(out: str, calls: str, value: int) -> dict:
+    """Writes half its files, then its process dies (the OOM killer, a kill -9) the first time for value 2."""
+    marker = Path(calls) / f"died-{value}"
+    if value == 2 and not marker.exists():
+        Path(calls).mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        (Path(out) / "docs").mkdir()
+        (Path(out) / "docs" / f"part-{value}.txt").write_text("half")
+        os._exit(9)
+    return write_job(out, calls, value)
+
+
+def test_a_worker_killed_mid_shard_leaves_no_entry_and_a_rerun_completes(tmp_path):
+    from concurrent.futures.process import BrokenProcessPool
+
+    calls = tmp_path / "calls"
+    with pytest.raises(BrokenProcessPool):
+        map_shards(scope(tmp_path), "step", dying_job, jobs(tmp_path / "v1", calls), workers=2)
+    assert not list((tmp_path / "clean" / SHARDS).rglob("part-2.txt"))  # no half-written entry
+    results = map_shards(scope(tmp_path), "step", dying_job, jobs(tmp_path / "v2", calls), workers=2)
+    assert [r["value"] for r in results] == [1, 2, 3]
+    assert (tmp_path / "v2" / "docs" / "part-2.txt").read_text() == "value 2\n" * 2
+    assert len(list((tmp_path / "clean" / SHARDS / "step").rglob("result.json"))) == 3
