@@ -229,3 +229,30 @@ def forward_latencies_ms(
             model(idx)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1000.0 for name, t in times.items()}
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(
+    models: Mapping[str, nn.Module], prompt: torch.Tensor, new_tokens: int, runs: int = 5
+) -> dict[str, float]:
+    """Median greedy-decoding speed (new tokens per second, all rows together) of each model's `generate`
+    with its KV cache: `new_tokens` tokens after `prompt` (B, T), the prompt's own forward pass included.
+
+    As forward_latencies_ms, the models take turns run by run after one untimed warm-up run each. Keep
+    T + new_tokens within block_size to time the cache itself: past the context every step re-reads the
+    whole window (GPT.generate).
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    for model in models.values():
+        model.eval()
+        model.generate(prompt, new_tokens, temperature=0.0)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(runs):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.generate(prompt, new_tokens, temperature=0.0)
+            times[name].append(time.perf_counter() - start)
+    return {name: prompt.size(0) * new_tokens / statistics.median(t) for name, t in times.items()}

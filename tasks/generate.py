@@ -48,20 +48,27 @@ def generate_text(
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: int | None = 50,
+    top_p: float | None = None,
     seed: int = 0,
     num_samples: int = 1,
     device: str = "cpu",
     instruction: bool = False,
 ) -> list[str]:
-    """Samples continuing `prompt`; with `instruction`, the prompt is wrapped in the fine-tuning template
-    and only the response is returned."""
+    """Samples continuing `prompt` (top_k, then top_p nucleus sampling; see GPT.generate); with
+    `instruction`, the prompt is wrapped in the fine-tuning template and only the response is returned."""
     model, tokenizer, _ = load_store_model(Store(storage), which, device)
     text = PROMPT_TEMPLATE.format(prompt=prompt) if instruction else prompt
     ids = tokenizer.encode(text) or [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=device)
     out = model.generate(
-        idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator, stop_token=tokenizer.eot_id
+        idx,
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=generator,
+        stop_token=tokenizer.eot_id,
     )
     texts = []
     for row in out.tolist():

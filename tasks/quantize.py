@@ -2,7 +2,7 @@
 
 Output: `model_int8.pt` (or `model_int4.pt`, see model/quantize.py for the layout), `model_config.json`,
 and `quantize_report.json`: file sizes, validation loss before and after on the same windows, and CPU
-forward latency before and after.
+forward latency and greedy decoding speed (KV cache) before and after.
 
 Quality gate: when the stored weights raise the validation loss by more than `max_loss_increase` nats per
 token, the stage fails with a QualityError and publishes nothing, so no later stage serves a broken model.
@@ -17,6 +17,7 @@ from pydantic import Field
 from model.checkpoint import WEIGHTS, load_model
 from model.evaluate import eval_loss, scored_targets, tokens_read
 from model.quantize import (
+    decode_tokens_per_s,
     forward_latencies_ms,
     load_quantized,
     quantized_file,
@@ -69,7 +70,12 @@ class QuantizeConfig(StageConfig):
         "(int8 +0.0000, int4 +0.008) and far below what zeroed weights cost it (+2.9).",
     )
     batch_size: int = Field(16, ge=1, le=4096, description="Windows per forward pass while measuring the loss.")
-    latency_runs: int = Field(7, ge=1, le=1000, description="Timed forward passes per model; the median is reported.")
+    latency_runs: int = Field(
+        7,
+        ge=1,
+        le=1000,
+        description="Timed forward passes, and timed decoding runs, per model; the medians are reported.",
+    )
 
     def loss_bound(self) -> float:
         """The largest loss increase (nats per token) the stage accepts: max_loss_increase or its default."""
@@ -136,6 +142,13 @@ def quantize_model(ctx: StageContext, cfg: QuantizeConfig, source: Path) -> dict
     latency = forward_latencies_ms({"fp32": model, "quantized": fast}, idx, runs=cfg.latency_runs)
     report["latency_fp32_ms"], report["latency_quantized_ms"] = latency["fp32"], latency["quantized"]
     report["latency_speedup"] = report["latency_fp32_ms"] / report["latency_quantized_ms"]
+    # Decoding: a quarter-context prompt, then greedy tokens up to the full context, every step a cache hit.
+    prompt_len = max(1, min(len(val), block) // 4)
+    decode = decode_tokens_per_s(
+        {"fp32": model, "quantized": fast}, idx[:, :prompt_len], block - prompt_len, runs=cfg.latency_runs
+    )
+    report["decode_tokens_per_s_fp32"], report["decode_tokens_per_s_quantized"] = decode["fp32"], decode["quantized"]
+    report["decode_speedup"] = report["decode_tokens_per_s_quantized"] / report["decode_tokens_per_s_fp32"]
     return report
 
 
@@ -145,7 +158,8 @@ def build(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
         report = quantize_model(ctx, cfg, ctx.input_path("finetune"))
     atomic_write_json(ctx.out / REPORT, report)
     ctx.log.info(
-        "int%d: %.2fx smaller, val loss %.4f -> %.4f (%+.4f), CPU forward %.2f -> %.2f ms",
+        "int%d: %.2fx smaller, val loss %.4f -> %.4f (%+.4f), CPU forward %.2f -> %.2f ms, decoding %.0f -> %.0f "
+        "tokens/s",
         cfg.bits,
         report["size_ratio"],
         report["val_loss_fp32"],
@@ -153,6 +167,8 @@ def build(ctx: StageContext, cfg: QuantizeConfig) -> dict[str, Any]:
         report["val_loss_delta"],
         report["latency_fp32_ms"],
         report["latency_quantized_ms"],
+        report["decode_tokens_per_s_fp32"],
+        report["decode_tokens_per_s_quantized"],
     )
     return report
 
