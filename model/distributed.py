@@ -1,23 +1,30 @@
 """Data-parallel training over several processes: joining a torchrun launch, the few collectives the training
-loop needs, and launching torchrun from a parent process.
+loop needs, and launching torchrun from a parent process, on one machine or on several.
 
 torchrun starts one process per device and tells each its place through the environment (RANK, LOCAL_RANK,
 WORLD_SIZE, and MASTER_ADDR/MASTER_PORT for the rendezvous). Outside a launch, or before `process_group`
 is entered, everything here describes a single process: world_size() is 1, reductions return their input
 and barrier() returns at once, so the training loop calls them unconditionally.
+
+Several machines (nodes) meet at a c10d rendezvous (`Rendezvous`): one torchrun per node, all naming the
+same HOST:PORT and id. torchrun numbers the nodes by host name (then process id), so the node whose
+launcher waits for the result (the lead) could get any rank; `process_group` renumbers the processes so
+that the lead's come first and rank 0, which logs and writes the outputs, runs where its lines are read.
 """
 
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,14 @@ REPORTS_ENV = "GPTFLOW_FAILURE_REPORTS"
 # gloo reports a lost peer as a plain RuntimeError from its TCP transport ("[.../gloo/transport/tcp/pair.cc:553]
 # Connection closed by peer ..."); NCCL and the rendezvous raise torch.distributed.DistError subclasses.
 _GLOO_TRANSPORT = re.compile(r"gloo/transport/|Connection (closed|reset) by peer")
+# Set by a multi-node launcher for its processes: "1" on the lead node, "0" on the nodes that join it.
+LEAD_ENV = "GPTFLOW_LEAD_NODE"
+# How long a node's launcher waits for all the nodes to join: torchrun's own default join_timeout (600 s,
+# torch.distributed.elastic.rendezvous.dynamic_rendezvous).
+RDZV_TIMEOUT_S = 600
+# How long a process of a multi-node launch waits for the lead's processes to announce their node: they
+# start at the same moment, once the rendezvous is complete, so only a slow import delays them.
+_LEAD_WAIT = timedelta(seconds=120)
 
 
 class WorkerError(errors.GptflowError):
@@ -70,17 +85,52 @@ def launch_from_env(environ: Mapping[str, str] = os.environ) -> Launch | None:
     return Launch(rank, local_rank, world)
 
 
+def lead_first_rank(lead: int, node: int, local_rank: int, nprocs: Sequence[int]) -> int:
+    """The rank of process `local_rank` of node `node` (torchrun's GROUP_RANK) when the nodes are counted
+    from the lead's: the lead's processes first, then each node after it in torchrun's order (wrapping
+    round), `nprocs[n]` processes on node n."""
+    order = [(lead + i) % len(nprocs) for i in range(len(nprocs))]
+    return sum(nprocs[n] for n in order[: order.index(node)]) + local_rank
+
+
+def _lead_first(launch: Launch, environ: Mapping[str, str]) -> Launch:
+    """This process's place with the lead node's processes first (see the module docstring): the nodes tell
+    each other their process counts, and the lead its node number, through torchrun's store. A single node,
+    or a launch no gptflow launcher marked, keeps torchrun's numbering."""
+    if LEAD_ENV not in environ or int(environ.get("GROUP_WORLD_SIZE", "1")) < 2:
+        return launch
+    nodes, node = int(environ["GROUP_WORLD_SIZE"]), int(environ["GROUP_RANK"])
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), is_master=False, timeout=_LEAD_WAIT)
+    prefix = f"gptflow/{environ.get('TORCHELASTIC_RUN_ID', '')}/{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if launch.local_rank == 0:
+        store.set(f"{prefix}/nproc/{node}", environ["LOCAL_WORLD_SIZE"])
+        if environ[LEAD_ENV] == "1":
+            store.set(f"{prefix}/lead", str(node))
+    try:
+        lead = int(store.get(f"{prefix}/lead"))
+    except dist.DistStoreError:
+        raise errors.ConfigError(
+            f"no lead node announced itself within {_LEAD_WAIT.seconds} s: every node of a {nodes}-node launch "
+            "but the one that runs the pretrain stage joins it with `python -m model.train_entry --join`"
+        ) from None
+    nprocs = [int(store.get(f"{prefix}/nproc/{n}")) for n in range(nodes)]
+    return Launch(lead_first_rank(lead, node, launch.local_rank, nprocs), launch.local_rank, launch.world_size)
+
+
 @contextmanager
 def process_group(device: torch.device) -> Iterator[torch.device]:
     """Join the torchrun launch's process group for the life of the block; yield the device to train on.
 
     NCCL on CUDA, each process on the GPU numbered by its LOCAL_RANK; gloo on the CPU. Without a launch the
-    block runs as a single process on `device`. The group is destroyed on the way out, error or not.
+    block runs as a single process on `device`. The group is destroyed on the way out, error or not. In a
+    multi-node launch the lead node's processes take ranks 0, 1, ... (see the module docstring).
     """
     launch = launch_from_env()
     if launch is None:
         yield device
         return
+    launch = _lead_first(launch, os.environ)
+    os.environ["RANK"] = str(launch.rank)  # what report_failure (and anything reading RANK) sees from now on
     if device.type == "cuda":
         device = torch.device("cuda", launch.local_rank)
         torch.cuda.set_device(device)
@@ -104,6 +154,11 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_initialized() else 0
+
+
+def node_count() -> int:
+    """The machines of this launch (torchrun's GROUP_WORLD_SIZE; 1 outside a launch)."""
+    return int(os.environ.get("GROUP_WORLD_SIZE", "1")) if is_initialized() else 1
 
 
 def is_main() -> bool:
@@ -142,8 +197,9 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
 
 def report_failure(exc: Exception, environ: Mapping[str, str] = os.environ) -> None:
     """Tell the launcher why this process fails: <REPORTS_ENV>/rank-<RANK>.json holds the error's type, its
-    first line, how a single process would classify it (`kind`) and when it was raised. Written (atomically)
-    before the process exits; nothing when no launcher named a folder (torchrun started by hand).
+    first line, how a single process would classify it (`kind`), the host it ran on and when it was raised.
+    Written (atomically) before the process exits; nothing when no launcher named a folder (torchrun started
+    by hand). A multi-node launch names a folder on the shared filesystem, so the lead sees every node's.
 
     kind: "gptflow" (its class in storage.errors, the nearest in its MRO, is `class`), "transient"
     (ConnectionError, TimeoutError), "collective" (a torch.distributed error or gloo's lost connection: a
@@ -163,7 +219,8 @@ def report_failure(exc: Exception, environ: Mapping[str, str] = os.environ) -> N
         report["kind"] = "collective"
     else:
         report["kind"] = "other"
-    report["time"] = time.time()  # the processes of a launch share this machine's clock
+    report["host"] = socket.gethostname()
+    report["time"] = time.time()  # one machine's clock; on several, ordered as far as their clocks agree
     path = Path(folder) / f"rank-{process}.json"
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -176,16 +233,64 @@ def report_failure(exc: Exception, environ: Mapping[str, str] = os.environ) -> N
 # -- launching -----------------------------------------------------------------------------------------
 
 
-def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
-    """One machine, `nproc` processes, a free rendezvous port chosen by torchrun (--standalone); this
-    interpreter, so the processes run in the same environment as the caller."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """HOST:PORT of a rendezvous (an IPv6 host in brackets), or a one-line ConfigError naming it."""
+    host, colon, port = endpoint.rpartition(":")
+    if not colon or not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise errors.ConfigError(f"rdzv_endpoint {endpoint!r}: expected HOST:PORT with a port in 1..65535")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where and how long the nodes of a multi-node launch meet (torchrun's c10d rendezvous).
+
+    The node whose address `endpoint` names hosts the rendezvous store; every node's launcher names the same
+    endpoint, node count and `run_id`, and gives up after `timeout_s` seconds without all of them.
+    """
+
+    nnodes: int
+    endpoint: str  # HOST:PORT, reachable from every node
+    run_id: str
+    timeout_s: int = RDZV_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 2:
+            raise errors.ConfigError(f"nnodes={self.nnodes}: a rendezvous is for 2 or more nodes")
+        parse_endpoint(self.endpoint)
+        if self.timeout_s < 1:
+            raise errors.ConfigError(f"rendezvous timeout {self.timeout_s} s: must be at least 1 s")
+
+    def torchrun_args(self) -> list[str]:
+        return [
+            f"--nnodes={self.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id}",
+            f"--rdzv-conf=join_timeout={self.timeout_s}",  # torchrun reads it as whole seconds
+        ]
+
+    def timed_out(self) -> errors.TransientError:
+        """A retry may find every node there (one started late, or its join command was run again)."""
+        return errors.TransientError(
+            f"rendezvous at {self.endpoint} (id {self.run_id}) timed out after {self.timeout_s} s: not all "
+            f"{self.nnodes} nodes joined (each other node runs the join command the lead node logs)"
+        )
+
+
+def torchrun_command(nproc: int, module: str, args: Sequence[str], rendezvous: Rendezvous | None = None) -> list[str]:
+    """`nproc` processes on this machine, this interpreter (so they run in the caller's environment). One
+    machine: a free rendezvous port chosen by torchrun (--standalone); several: `rendezvous`."""
+    place = ["--standalone"] if rendezvous is None else rendezvous.torchrun_args()
+    launcher = [sys.executable, "-m", "torch.distributed.run", *place, f"--nproc_per_node={nproc}"]
     return [*launcher, "-m", module, *args]
 
 
-def _child_env(nproc: int, reports: Path) -> dict[str, str]:
+def _child_env(nproc: int, reports: Path, lead: bool | None) -> dict[str, str]:
     env = dict(os.environ)
     env[REPORTS_ENV] = str(reports)
+    if lead is not None:
+        env[LEAD_ENV] = "1" if lead else "0"
     # The project importable wherever the caller's working directory is.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
     # Share the cores instead of each process taking all of them (torchrun would set 1, with a warning).
@@ -206,7 +311,9 @@ def read_reports(folder: Path) -> list[dict[str, Any]]:
     return sorted(reports, key=lambda report: report.get("time", 0.0))
 
 
-def launch_failure(nproc: int, returncode: int, reports: Sequence[dict[str, Any]], last_line: str | None) -> Exception:
+def launch_failure(
+    nproc: int, returncode: int, reports: Sequence[dict[str, Any]], last_line: str | None, nnodes: int = 1
+) -> Exception:
     """The one error a failed launch raises: the first process's error that is not a failed collective,
     classified as in one process (tasks/stage.py `is_transient`).
 
@@ -216,14 +323,23 @@ def launch_failure(nproc: int, returncode: int, reports: Sequence[dict[str, Any]
 
     With no such report, the processes were killed (by a signal, the out-of-memory killer) or lost a peer or
     the rendezvous: TransientError, since a retry resumes from the last checkpoint and may well finish.
-    Each message names the rank and quotes `TypeName: message`, else torchrun's last stderr line.
+    Each message names the rank (and with several nodes its host) and quotes `TypeName: message`, else
+    torchrun's last stderr line.
     """
-    prefix = f"training with {nproc} processes failed (exit {returncode})"
+    if nnodes == 1:
+        prefix = f"training with {nproc} processes failed (exit {returncode})"
+    else:
+        each = f"{nproc} process{'es' if nproc > 1 else ''} on each of {nnodes} nodes"
+        prefix = f"training with {each} failed (exit {returncode})"
+
+    def where(report: dict[str, Any]) -> str:
+        return f"rank {report.get('rank')}" + (f" on {report.get('host')}" if nnodes > 1 else "")
+
     for report in reports:
         kind = report.get("kind")
         if kind == "collective":
             continue
-        message = f"{prefix}: rank {report.get('rank')}: {report.get('type')}: {report.get('message')}"
+        message = f"{prefix}: {where(report)}: {report.get('type')}: {report.get('message')}"
         cls = getattr(errors, str(report.get("class")), None) if kind == "gptflow" else None
         if isinstance(cls, type) and issubclass(cls, errors.GptflowError):
             return cls(message)
@@ -232,7 +348,7 @@ def launch_failure(nproc: int, returncode: int, reports: Sequence[dict[str, Any]
         return WorkerError(message)
     if reports:  # only processes that lost a partner reported: the partner was killed or cut off
         first = reports[0]
-        lost = f"rank {first.get('rank')}: {first.get('type')}: {first.get('message')}"
+        lost = f"{where(first)}: {first.get('type')}: {first.get('message')}"
         return errors.TransientError(f"{prefix}: a process was lost ({lost})")
     return errors.TransientError(f"{prefix}: {last_line or 'nothing on stderr'}")
 
@@ -244,43 +360,53 @@ def run_torchrun(
     *,
     on_stdout: Callable[[str], None],
     on_stderr: Callable[[str], None],
+    rendezvous: Rendezvous | None = None,
+    lead: bool = True,
+    reports: Path | None = None,
 ) -> None:
     """Run `module` in `nproc` processes under torchrun and wait for them, passing each line they write to
     on_stdout / on_stderr (without its newline). A non-zero exit raises one error (see `launch_failure`),
-    built from the reports the processes wrote (report_failure) into a folder made for this launch.
+    built from the reports the processes wrote (report_failure) into `reports`, by default a folder made for
+    this launch.
+
+    With a `rendezvous`, these are this machine's processes of a multi-node launch: `lead` says whether this
+    is the node whose processes take the first ranks, and `reports` must be a folder every node sees. A
+    rendezvous that times out raises Rendezvous.timed_out's error.
 
     If this process dies, the pipe closes and rank 0's next write to stdout fails, which ends the launch.
     """
-    with tempfile.TemporaryDirectory(prefix="gptflow-torchrun-") as reports:
-        returncode, last_line = _run(nproc, module, args, Path(reports), on_stdout, on_stderr)
+    own = tempfile.TemporaryDirectory(prefix="gptflow-torchrun-") if reports is None else nullcontext(reports)
+    with own as folder:
+        folder = Path(folder)
+        command = torchrun_command(nproc, module, args, rendezvous)
+        env = _child_env(nproc, folder, None if rendezvous is None else lead)
+        returncode, last_line, rendezvous_timed_out = _run(command, env, on_stdout, on_stderr)
         if returncode != 0:
-            raise launch_failure(nproc, returncode, read_reports(Path(reports)), last_line)
+            found = read_reports(folder)
+            if rendezvous is not None and rendezvous_timed_out and not found:
+                raise rendezvous.timed_out()
+            raise launch_failure(nproc, returncode, found, last_line, 1 if rendezvous is None else rendezvous.nnodes)
 
 
 def _run(
-    nproc: int,
-    module: str,
-    args: Sequence[str],
-    reports: Path,
+    command: list[str],
+    env: dict[str, str],
     on_stdout: Callable[[str], None],
     on_stderr: Callable[[str], None],
-) -> tuple[int, str | None]:
-    """torchrun's exit status and the last non-blank line it wrote to stderr."""
-    process = subprocess.Popen(
-        torchrun_command(nproc, module, args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        bufsize=1,
-        env=_child_env(nproc, reports),
-    )
+) -> tuple[int, str | None, bool]:
+    """torchrun's exit status, the last non-blank line it wrote to stderr, and whether it gave up waiting
+    for the nodes of a rendezvous."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
     last_line: list[str] = []
+    timed_out: list[bool] = []
 
     def read_stderr() -> None:
         for line in process.stderr:
             line = line.rstrip("\n")
             if line.strip():
                 last_line[:] = [line.strip()]
+            if "RendezvousTimeoutError" in line:  # the class torchrun's traceback ends with
+                timed_out[:] = [True]
             on_stderr(line)
 
     reader = threading.Thread(target=read_stderr, name="torchrun-stderr", daemon=True)
@@ -298,4 +424,4 @@ def _run(
                 process.kill()
                 process.wait()
         reader.join(timeout=10)
-    return returncode, next(iter(last_line), None)
+    return returncode, next(iter(last_line), None), bool(timed_out)
