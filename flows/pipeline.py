@@ -11,11 +11,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineOverrides, Preset, overrides_dict, preset_config
-from flows.plan import StageSelection, plan_stages
+from flows.plan import StageSelection, plan_stages, selection_label
 from flows.preflight import check_run
+from flows.runs import RunRecorder, summary_artifact
 from storage.store import StageRef, Store
 from tasks import clean, dedup, download, evaluate, extract, finetune, pretrain, quantize, tokenizer, tokens
-from tasks.runs import RunRecorder
 from tasks.sample_data import default_source_dir, ensure_sample_archive
 from tasks.shardmap import dask_cluster
 from tasks.stage import result_storage
@@ -28,7 +28,17 @@ STAGES = {
 STAGE_INPUTS = {name: stage.inputs for name, (stage, _) in STAGES.items()}
 
 
-@flow(name="gptflow-pipeline", description="Archives to an evaluated, quantized GPT; every stage versioned.")
+def run_name() -> str:
+    """A flow run's name in the Prefect UI: its preset and selection, e.g. `tiny · until=tokens · force=clean`."""
+    parameters = flow_run.parameters
+    return " · ".join([str(parameters.get("preset") or "tiny"), selection_label(parameters.get("selection"))])
+
+
+@flow(
+    name="gptflow-pipeline",
+    description="Archives to an evaluated, quantized GPT; every stage versioned.",
+    flow_run_name=run_name,
+)
 def pipeline(
     storage: str = "storage",
     preset: Preset = "tiny",
@@ -40,10 +50,16 @@ def pipeline(
 ) -> dict[str, Any]:
     """Run the pipeline (or the selected part of it) and return the run record.
 
-    `config` holds changes to the preset (the fields left empty keep the preset's values), exactly as a
-    `--config` file does. `verify` also checks every reused version's files against their sha256. `dask`,
-    the address of a Dask scheduler (tcp://host:8786), runs the data stages' per-shard task runs on that
-    cluster, whose workers must see the same store path and Prefect API.
+    The workers of a Dask cluster (`dask`) must see the same store path and reach the same Prefect API.
+
+    Args:
+        storage: The store's root folder, as the machine running the flow sees it.
+        preset: The settings to start from: tiny (CPU, minutes), small (one GPU, hours), gpt2 (several GPUs).
+        sources: Archive URLs or paths (http, https, file:// or local); empty: the embedded default corpus.
+        config: Changes to the preset, as a --config file holds them; fields left empty keep the preset's.
+        selection: Which stages run (only, from, until) and which are recomputed even if stored (force).
+        verify: Reuse a stored version only if every file matches its sha256 (reads every byte).
+        dask: The address of a Dask scheduler (tcp://host:8786) to run the data stages' per-shard task runs.
     """
     log = get_run_logger()
     store = Store(storage)
@@ -68,27 +84,28 @@ def pipeline(
     )
 
     refs: dict[str, StageRef] = {}
-    for name in plan.from_store:
-        with recorder.attempt(name):
-            refs[name] = StageRef(name, store.require_latest(name), reused=True)
-        recorder.stage(refs[name], "latest")
-    with dask_cluster(dask):  # where the data stages' shards run: here, or on the cluster
-        for name in plan.run:
-            stage, stage_task = STAGES[name]
+    with summary_artifact(recorder, log):  # however the run ends, its Artifacts tab says how far it got
+        for name in plan.from_store:
             with recorder.attempt(name):
-                state = stage_task.with_options(result_storage=result_storage(store.root))(
-                    str(store.root),
-                    cfg.stage_config(name),
-                    {input_name: refs[input_name] for input_name in stage.inputs},
-                    force=name in selection.force,
-                    verify=verify,
-                    return_state=True,
-                )
-                refs[name] = state.result()  # raises the stage's own error if it failed
-            status = "cached" if state.name == "Cached" else ("reused" if refs[name].reused else "ran")
-            recorder.stage(refs[name], status)
-            log.info("%-9s %s  %s", name, refs[name].version, status)
-    return recorder.completed(summary=summarize(store, refs))
+                refs[name] = StageRef(name, store.require_latest(name), reused=True)
+            recorder.stage(refs[name], "latest")
+        with dask_cluster(dask):  # where the data stages' shards run: here, or on the cluster
+            for name in plan.run:
+                stage, stage_task = STAGES[name]
+                with recorder.attempt(name):
+                    state = stage_task.with_options(result_storage=result_storage(store.root))(
+                        str(store.root),
+                        cfg.stage_config(name),
+                        {input_name: refs[input_name] for input_name in stage.inputs},
+                        force=name in selection.force,
+                        verify=verify,
+                        return_state=True,
+                    )
+                    refs[name] = state.result()  # raises the stage's own error if it failed
+                status = "cached" if state.name == "Cached" else ("reused" if refs[name].reused else "ran")
+                recorder.stage(refs[name], status)
+                log.info("%-9s %s  %s", name, refs[name].version, status)
+        return recorder.completed(summary=summarize(store, refs))
 
 
 # What the end of a run shows of each data stage's manifest: how much data there was, and what was set aside.

@@ -46,6 +46,22 @@ class StageSelection(BaseModel):
         return self
 
 
+def selection_label(selection: StageSelection | dict | None) -> str:
+    """The selection in a few words, as a run's name shows it: `until=tokens · force=clean`, or `all stages`."""
+    if isinstance(selection, dict):
+        selection = StageSelection.model_validate(selection)
+    if selection is None:
+        return "all stages"
+    parts = [
+        f"{option}={value}"
+        for option, value in (("only", selection.only), ("from", selection.from_stage), ("until", selection.until))
+        if value
+    ]
+    if selection.force:
+        parts.append(f"force={','.join(selection.force)}")
+    return " · ".join(parts) or "all stages"
+
+
 @dataclass(frozen=True)
 class Plan:
     run: tuple[str, ...]  # executed, in order

@@ -17,9 +17,7 @@ PROJECT_PACKAGES = ("flows", "tasks", "model", "storage")
 # Plumbing every stage imports that cannot change a stage's output: how versions are published, retried
 # and shown in the UI. Left out so that a fix there does not invalidate every stored version (a week of
 # training included). A module that computes anything a stage writes never belongs here.
-PLUMBING = frozenset(
-    {"tasks.stage", "tasks.results", "tasks.shardmap", "tasks.artifacts", "tasks.runs", "storage.fingerprint"}
-)
+PLUMBING = frozenset({"tasks.stage", "tasks.results", "tasks.shardmap", "tasks.artifacts", "storage.fingerprint"})
 
 
 def _module_file(root: Path, name: str) -> Path | None:

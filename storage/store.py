@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -31,6 +32,10 @@ VERSION_CHARS = 12
 MANIFEST = "manifest.json"
 RUNS = "runs"
 _HASH_BLOCK = 1 << 20
+# How often a build waiting for another run's lock on the same version says so in its log.
+LOCK_REPORT_SECONDS = 60.0
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -236,8 +241,19 @@ class Store:
 
     # -- writing ------------------------------------------------------------------------------------
     @contextmanager
-    def lock(self, stage: str, version: str, timeout: float = 6 * 3600.0) -> Iterator[None]:
+    def lock(
+        self,
+        stage: str,
+        version: str,
+        timeout: float = 6 * 3600.0,
+        *,
+        owner: dict[str, Any] | None = None,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
+    ) -> Iterator[None]:
         """Hold the lock that serialises building `stage/version` across processes.
+
+        The holder writes who it is into the lock file (host, pid, and `owner`, e.g. its run id), so that a
+        waiter can say in `log` whom it waits for: as soon as it has to wait, then every LOCK_REPORT_SECONDS.
 
         The lock file is removed by its holder on release, so that locks do not pile up one per version
         ever built. A waiter may then hold a lock on a file that is gone; it checks, once it holds the lock,
@@ -245,7 +261,10 @@ class Store:
         """
         lock_dir = self.stage_dir(stage) / ".locks"
         path = lock_dir / f"{version}.lock"
-        deadline = time.monotonic() + timeout
+        log = log or _log
+        started = time.monotonic()
+        deadline = started + timeout
+        next_report = started
         while True:
             lock_dir.mkdir(parents=True, exist_ok=True)
             with open(path, "a+") as handle:
@@ -254,14 +273,31 @@ class Store:
                         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
                     except BlockingIOError:
-                        if time.monotonic() > deadline:
+                        now = time.monotonic()
+                        if now > deadline:
                             raise TransientError(
-                                f"{stage}/{version} is being built by another run (lock {path})"
+                                f"{stage}/{version} is being built by another run ({lock_holder(path)}; lock {path})"
                             ) from None
+                        if now >= next_report:
+                            so_far = f", waited {_duration(now - started)} so far" if now - started >= 1 else ""
+                            log.info(
+                                "waiting for %s/%s: %s is building it (lock %s%s)",
+                                stage,
+                                version,
+                                lock_holder(path),
+                                path,
+                                so_far,
+                            )
+                            next_report = now + LOCK_REPORT_SECONDS
                         time.sleep(0.2)
                 try:
                     if not _same_file(handle, path):
                         continue  # its holder removed it as we waited: lock the file now there
+                    holder = {"host": socket.gethostname(), "pid": os.getpid(), **(owner or {})}
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.write(json.dumps(holder, sort_keys=True))
+                    handle.flush()
                     try:
                         yield
                     finally:
@@ -282,6 +318,7 @@ class Store:
         environment: dict[str, Any] | None = None,
         prefect: dict[str, Any] | None = None,
         replace: bool = False,
+        log: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> bool:
         """Build `stage/version` with `build(tmp_dir) -> metrics` and publish it atomically.
 
@@ -291,12 +328,15 @@ class Store:
 
         A disk that fills up is a DiskFullError naming the path and how much of the version was written;
         nothing is published and the unfinished folder is removed.
+
+        While another run builds the same version, `log` says whom this one waits for (see `lock`).
         """
         for name, input_version in inputs.items():
             if not self.has(name, input_version):
                 raise StoreError(f"{stage}: input {name}/{input_version} is not in the store at {self.root}")
         final = self.path(stage, version)
-        with self.lock(stage, version):
+        run_id = (prefect or {}).get("flow_run_id")
+        with self.lock(stage, version, owner={"run_id": run_id} if run_id else None, log=log):
             self._recover(stage, version)
             if self.has(stage, version) and not replace and self.damage(stage, version) is None:
                 return False
@@ -371,6 +411,19 @@ class Store:
         atomic_write_json(path, record)
         return path
 
+    def read_run(self, run_id: str) -> dict[str, Any] | None:
+        """The record of run `run_id`, or None when there is none."""
+        path = self.root / RUNS / f"{run_id}.json"
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path} is not a readable run record ({type(exc).__name__})") from exc
+        if not isinstance(record, dict):
+            raise StoreError(f"{path} is not a readable run record (not a JSON object)")
+        return record
+
     def runs(self) -> list[dict[str, Any]]:
         folder = self.root / RUNS
         if not folder.is_dir():
@@ -382,9 +435,9 @@ class Store:
     def gc(
         self, keep_runs: int = 5, dry_run: bool = False, scratch: bool = False, shard_days: float = SHARD_DAYS
     ) -> list[str]:
-        """Remove versions that neither a `latest` pointer, the last `keep_runs` runs, nor a run still going
-        reach. What a kept version was built from (its lineage) is kept too. Returns "stage/version" of each
-        removed version.
+        """Remove versions that neither a `latest` pointer, the last `keep_runs` runs, a run still going, nor
+        an alias of the model registry (the champion) reach. What a kept version was built from (its lineage)
+        is kept too. Returns "stage/version" of each removed version.
 
         Leftovers of writers that died go as well (a version half swapped out by a crashed forced rebuild
         is put back first), and the scratch of versions that are complete. With `scratch`, the scratch of
@@ -406,6 +459,16 @@ class Store:
             for stage, info in record.get("stages", {}).items():
                 if info.get("version") and self.has(stage, info["version"]):
                     keep.add((stage, info["version"]))
+        # The models the registry's aliases name (storage/registry.py; read here without importing it, so
+        # that every stage's code fingerprint stays free of the registry's code): the champion stays loadable.
+        for alias in sorted((self.root / RUNS / "registry" / "aliases").glob("*.json")):
+            try:
+                named = json.loads(alias.read_text(encoding="utf-8"))
+                ref = (named["stage"], named["version"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"{alias}: unreadable ({type(exc).__name__}); gc removes nothing until fixed") from exc
+            if self.has(*ref):
+                keep.add(ref)
         todo = list(keep)
         while todo:
             stage, version = todo.pop()
@@ -480,6 +543,22 @@ def _free_bytes(path: Path) -> int:
         return shutil.disk_usage(path).free
     except OSError:
         return 0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def lock_holder(path: Path) -> str:
+    """Who holds the lock file at `path`, as its holder wrote it there: `run <id> (pid <n> on <host>)`."""
+    try:
+        holder = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        holder = None
+    if not isinstance(holder, dict) or "pid" not in holder:
+        return "another process (it has not written its name yet)"
+    where = f"pid {holder['pid']} on {holder.get('host', '?')}"
+    return f"run {holder['run_id']} ({where})" if holder.get("run_id") else where
 
 
 def _same_file(handle: Any, path: Path) -> bool:

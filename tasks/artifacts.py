@@ -107,10 +107,19 @@ def summary_markdown(store: Store, ref: StageRef) -> str:
 def publish_summary(store: Store, ref: StageRef, log: logging.Logger | logging.LoggerAdapter) -> None:
     """A markdown artifact keyed by stage: the UI keeps every version of it, newest first."""
     try:
-        create_markdown_artifact(
-            markdown=summary_markdown(store, ref),
-            key=f"{ref.stage}-version",
-            description=f"{ref.stage}/{ref.version}: metrics, lineage, report and plots",
-        )
+        markdown = summary_markdown(store, ref)
     except Exception as exc:  # the UI is a view: the version is published whatever happens here
         log.warning("summary artifact for %s/%s not created: %s", ref.stage, ref.version, exc)
+        return
+    publish_markdown(
+        f"{ref.stage}-version", markdown, f"{ref.stage}/{ref.version}: metrics, lineage, report and plots", log
+    )
+
+
+def publish_markdown(key: str, markdown: str, description: str, log: logging.Logger | logging.LoggerAdapter) -> None:
+    """A markdown artifact under `key` (lowercase letters, digits, dashes), logged instead when the server
+    cannot take it: artifacts are for people watching, and never fail what they describe."""
+    try:
+        create_markdown_artifact(markdown=markdown, key=key, description=description)
+    except Exception as exc:
+        log.warning("artifact %s not created: %s", key, exc)

@@ -134,9 +134,12 @@ class Stage:
         prefect: dict[str, Any] | None = None,
         log: logging.Logger | logging.LoggerAdapter | None = None,
         progress: Callable[[float], None] | None = None,
+        on_version: Callable[[str], None] | None = None,
     ) -> StageRef:
         """Build this stage's version for `cfg` and `inputs` unless the store already has it intact (with
-        `verify`, down to every file's sha256). A damaged stored version is rebuilt, with a warning."""
+        `verify`, down to every file's sha256). A damaged stored version is rebuilt, with a warning.
+
+        `on_version` is told the version id as soon as it is known, before anything is built."""
         if not isinstance(cfg, self.config):
             cfg = self.config.model_validate(cfg)
         store = Store(storage)
@@ -144,6 +147,8 @@ class Stage:
         versions = self.input_versions(inputs or {})
         identity = self.identity(cfg, store) if self.identity else None
         version = self.version(cfg, versions, identity)
+        if on_version is not None:
+            on_version(version)
         stored = store.has(self.name, version)
         damage = store.damage(self.name, version, verify=verify) if stored else None
         if stored and damage is None and not force:
@@ -179,6 +184,7 @@ class Stage:
             environment=self.environment_of(cfg),
             prefect=prefect,
             replace=force or damage is not None,
+            log=log,
         )
         store.clear_work(self.name, version)
         if before is not None and self.outputs(before) != self.outputs(store.manifest(self.name, version)["files"]):
@@ -262,6 +268,27 @@ def trusted_record(path: Path, stage: str, version: str) -> bool:
     return (ref.stage, ref.version) == (stage, version)
 
 
+def planned_version(stage: Stage, parameters: dict[str, Any]) -> str:
+    """The version id a stage task called with `parameters` will build or reuse."""
+    cfg = parameters["cfg"]
+    if not isinstance(cfg, stage.config):
+        cfg = stage.config.model_validate(cfg)
+    identity = stage.identity(cfg, Store(parameters["storage"])) if stage.identity else None
+    return stage.version(cfg, stage.input_versions(parameters.get("inputs") or {}), identity)
+
+
+def task_run_name(stage: Stage) -> Callable[..., str]:
+    """The name of a stage's task run in the Prefect UI: `pretrain 86fb12daca70`, its stage and version."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        try:
+            return f"{stage.name} {planned_version(stage, parameters)}"
+        except Exception:  # bad settings or inputs: the task run itself reports them, under its stage's name
+            return stage.name
+
+    return name
+
+
 def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
     """The Prefect cache key of a stage run is its version id: cached == already in the store, intact.
 
@@ -278,12 +305,8 @@ def cache_key(stage: Stage) -> Callable[[Any, dict[str, Any]], str | None]:
     def key(context: Any, parameters: dict[str, Any]) -> str | None:
         if parameters.get("force"):
             return None
-        cfg = parameters["cfg"]
-        if not isinstance(cfg, stage.config):
-            cfg = stage.config.model_validate(cfg)
         store = Store(parameters["storage"])
-        identity = stage.identity(cfg, store) if stage.identity else None
-        version = stage.version(cfg, stage.input_versions(parameters.get("inputs") or {}), identity)
+        version = planned_version(stage, parameters)
         name = f"gptflow-{stage.name}-{version}"
         record = result_storage(store.root) / name
         if record.exists():
@@ -331,6 +354,10 @@ def stage_task(
 
     `cache=False` is for stages whose output depends on the outside world (download): their body always
     runs, checks the source's identity, and reuses the stored version when it has not changed.
+
+    A task run is named by its stage and version (`pretrain 86fb12daca70`). A cached stage's version is
+    known before it runs, from its parameters; an uncached stage learns its version inside the run (asking
+    the source for its identity is the work itself), and the run is renamed then.
     """
     return LazyTask(lambda: _make_stage_task(stage, retries, backoff_seconds, cache, timeout_seconds))
 
@@ -362,6 +389,7 @@ def _make_stage_task(stage: Stage, retries: int, backoff_seconds: float, cache: 
             prefect=ids,
             log=log,
             progress=ProgressArtifact(stage.name, log),
+            on_version=lambda version: name_task_run(f"{stage.name} {version}"),
         )
         if not ref.reused:
             publish_summary(Store(storage), ref, log)
@@ -371,6 +399,7 @@ def _make_stage_task(stage: Stage, retries: int, backoff_seconds: float, cache: 
     run.__module__ = stage.module
     options: dict[str, Any] = {
         "name": stage.name,
+        "task_run_name": task_run_name(stage) if cache else stage.name,
         "retries": retries,
         "retry_delay_seconds": exponential_backoff(backoff_factor=backoff_seconds),
         "retry_jitter_factor": 0.5,
@@ -383,3 +412,13 @@ def _make_stage_task(stage: Stage, retries: int, backoff_seconds: float, cache: 
     else:
         options.update(cache_policy=NO_CACHE)
     return task(**options)(run)
+
+
+def name_task_run(name: str) -> None:
+    """Rename the task run in progress. The engine sends its task run, name included, to the server with
+    every change of state, so the new name shows from the next one on (at the latest, when the run ends)."""
+    from prefect.context import TaskRunContext
+
+    context = TaskRunContext.get()
+    if context is not None:
+        context.task_run.name = name

@@ -2,7 +2,13 @@
 cached, a failed stage is rerun alone with the stages after it, and the command line works on top."""
 
 import json
+import os
+import re
+import shlex
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +72,32 @@ def statuses(record: dict) -> dict[str, str]:
     return {stage: info["status"] for stage, info in record["stages"].items()}
 
 
+def run_artifacts(run_id: str, key: str) -> list[str]:
+    """The markdown of each artifact `key` that flow run `run_id` created, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    wanted = ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+    with get_client(sync_client=True) as client:
+        return [a.data for a in sorted(client.read_artifacts(artifact_filter=wanted), key=lambda a: a.created)]
+
+
+def task_run_names(run_id: str, expected: set[str]) -> set[str]:
+    """The names of flow run `run_id`'s task runs, once they include `expected` (the server records task runs
+    from their events, a moment after they happen) or after 30 s."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 30
+        while True:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+            names = {run.name for run in runs}
+            if expected <= names or time.monotonic() > deadline:
+                return names
+            time.sleep(0.5)
+
+
 def all_versions(store: Store) -> set[tuple[str, str]]:
     return {(stage, m["version"]) for stage in store.stages() for m in store.versions(stage)}
 
@@ -117,6 +149,14 @@ def test_second_run_with_nothing_changed_computes_nothing(first_run, corpus):
     # Prefect cache hit.
     expected = {stage: "cached" for stage in STAGE_ORDER} | {"download": "reused"}
     assert statuses(record) == expected
+    # The UI: each task run named by its stage and version, and a summary artifact though nothing ran.
+    versions = {stage: info["version"] for stage, info in record["stages"].items()}
+    named = {f"{stage} {version}" for stage, version in versions.items()}
+    assert named <= task_run_names(record["run_id"], named)
+    (summary,) = run_artifacts(record["run_id"], "gptflow-summary")
+    assert all(f"| {stage} | `{versions[stage]}` | {expected[stage]} |" in summary for stage in STAGE_ORDER)
+    assert f"| pretrain | {record['summary']['pretrain_val_loss']:.4f} |" in summary
+    assert record["flow_run_name"] == "tiny · all stages" and summary.startswith("# tiny · all stages: completed")
 
 
 def test_a_failed_stage_is_rerun_alone_with_the_stages_after_it(first_run, corpus):
@@ -205,6 +245,7 @@ def test_default_source_is_the_embedded_corpus(prefect_harness, tmp_path, monkey
     storage = tmp_path / "store"
     record = pipeline(storage=str(storage), config=config(), selection=StageSelection(until="extract"))
     assert statuses(record) == {"download": "ran", "extract": "ran"}
+    assert record["flow_run_name"] == "tiny · until=extract"
     store = Store(storage)
     archive = tmp_path / "cache" / "default-corpus" / "openwebtext.tar.xz"
     download = store.manifest("download", store.latest("download"))
@@ -291,3 +332,44 @@ def test_verify_rebuilds_a_version_whose_bytes_changed_but_not_its_size(first_ru
     )
     assert statuses(record)["tokens"] == "ran" and record["stages"]["tokens"]["version"] == version
     assert meta.read_bytes() == original and store.damage("tokens", version, verify=True) is None
+
+
+def test_a_failed_run_prints_the_retry_command_and_the_retry_keeps_each_attempt(
+    prefect_harness, corpus, tmp_path, monkeypatch, capsys
+):
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # where the command line is run from
+    source = tmp_path / "openwebtext.tar.xz"
+    source.write_bytes(corpus.read_bytes()[: corpus.stat().st_size // 2])  # a download cut short
+    storage = tmp_path / "store"
+    code = main(["run", "--storage", str(storage), "--source", str(source), "--until", "extract"])
+    out = capsys.readouterr()
+    assert code == 1 and len(out.err.strip().splitlines()) == 1
+    failed = Store(storage).runs()[-1]
+    run_id = failed["run_id"]
+    command = f"prefect flow-run retry {run_id} --entrypoint flows/pipeline.py:pipeline"
+    assert out.out.rstrip().endswith(command)
+    assert re.search(r"^download +\w+ +ran\nextract +- +failed$", out.out, re.M)  # the run's table, so far
+
+    # The retry runs the same flow run again, once the source is whole.
+    shutil.copyfile(corpus, source)
+    argv = shlex.split(command)
+    argv[0] = str(Path(sys.executable).with_name("prefect"))
+    retried = subprocess.run(
+        argv,
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    record = Store(storage).read_run(run_id)
+    assert record["status"] == "completed" and record["attempt"] == 2
+    assert statuses(record) == {"download": "ran", "extract": "ran"}
+    (first,) = record["attempts"]
+    assert first["status"] == "failed" and first["failed_stage"] == "extract" and first["error"] == failed["error"]
+    assert [r["run_id"] for r in Store(storage).runs()] == [run_id]
+    summaries = run_artifacts(run_id, "gptflow-summary")
+    assert len(summaries) == 2 and "extract failed" in summaries[0]
+    assert summaries[1].startswith("# tiny · until=extract: completed") and "attempt 2" in summaries[1]

@@ -3,6 +3,7 @@
 import errno
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -11,7 +12,16 @@ from prefect import flow
 
 from storage.errors import ConfigError, DataIntegrityError, DiskFullError, StoreError, TransientError
 from storage.store import StageRef, Store
-from tasks.stage import RESULT_SERIALIZER, Stage, StageConfig, cache_key, is_transient, result_storage, stage_task
+from tasks.stage import (
+    RESULT_SERIALIZER,
+    Stage,
+    StageConfig,
+    cache_key,
+    is_transient,
+    result_storage,
+    stage_task,
+    task_run_name,
+)
 
 
 class CountingConfig(StageConfig):
@@ -316,3 +326,44 @@ def test_prefect_smoke_a_retry_a_cache_hit_and_no_pickle(prefect_harness, tmp_pa
     states = run_counting_twice(str(storage), cfg)
     assert not marker.exists() and states == ["Completed", "Cached"]  # the stored version reused, then cached
     assert attempts(cfg) == 2
+
+
+# -- what the Prefect UI shows -----------------------------------------------------------------------------
+
+uncached_counting_task = stage_task(COUNTING, retries=0, cache=False)
+
+
+@flow
+def run_counting_named(storage: str, cfg: CountingConfig) -> list[str]:
+    """The task run ids of a build, a cache hit, and an uncached stage's run."""
+    in_store = counting_task.with_options(result_storage=result_storage(storage))
+    states = [in_store(storage, cfg, {}, return_state=True) for _ in range(2)]
+    states.append(uncached_counting_task(storage, cfg.model_copy(update={"value": 5}), {}, return_state=True))
+    return [str(state.state_details.task_run_id) for state in states]
+
+
+def test_task_runs_are_named_by_their_stage_and_version(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    ids = run_counting_named(str(tmp_path / "store"), cfg)
+    built, uncached = (
+        f"counting {COUNTING.version(cfg, {})}",
+        f"counting {COUNTING.version(cfg.model_copy(update={'value': 5}), {})}",
+    )
+    expected = [built, built, uncached]
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 30  # the server records task runs from their events, a moment later
+        while (names := [client.read_task_run(i).name for i in ids]) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert names == expected
+
+
+def test_a_task_run_with_bad_settings_is_named_by_its_stage(tmp_path):
+    name = task_run_name(COUNTING)
+    cfg = CountingConfig(counter=str(tmp_path / "n"))
+    assert (
+        name(parameters={"storage": str(tmp_path), "cfg": cfg, "inputs": {}}) == f"counting {COUNTING.version(cfg, {})}"
+    )
+    # The task run itself reports what is wrong; its name must not fail first.
+    assert name(parameters={"storage": str(tmp_path), "cfg": {"value": "x"}, "inputs": {}}) == "counting"

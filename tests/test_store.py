@@ -1,6 +1,7 @@
 """The versioned store: version ids, atomic publish (also under a killed writer), manifests, locks, gc."""
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -8,11 +9,13 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+import storage.store
 from storage.errors import StoreError, TransientError
 from storage.store import Store, sha256_file, version_id
 
@@ -162,6 +165,58 @@ def test_lock_serialises_writers_across_processes(tmp_path):
         holder.join(5)
         if holder.is_alive():
             holder.kill()
+
+
+def _hold_lock_as_run(root: str, run_id: str, started, release) -> None:
+    with Store(root).lock("s", "v1", owner={"run_id": run_id}):
+        started.set()
+        release.wait(30)
+
+
+def test_a_build_waiting_for_another_runs_lock_says_whom_it_waits_for(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(storage.store, "LOCK_REPORT_SECONDS", 0.3)
+    ctx = multiprocessing.get_context("spawn")
+    started, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock_as_run, args=(str(tmp_path), "run-A", started, release))
+    holder.start()
+    lock_file = tmp_path / "s" / ".locks" / "v1.lock"
+    seen_inside = {}
+
+    def build(out: Path) -> dict:
+        seen_inside.update(json.loads(lock_file.read_text()))  # what a run waiting for this one would read
+        return {}
+
+    try:
+        assert started.wait(60)
+        with pytest.raises(TransientError, match=f"being built by another run \\(run run-A \\(pid {holder.pid} "):
+            with Store(tmp_path).lock("s", "v1", timeout=0.3):
+                pass
+        timer = threading.Timer(1.5, release.set)
+        timer.start()
+        with caplog.at_level(logging.INFO, logger="gptflow.test"):
+            built = Store(tmp_path).publish(
+                "s",
+                "v1",
+                build,
+                params={},
+                inputs={},
+                code_version="c0",
+                prefect={"flow_run_id": "run-B"},
+                log=logging.getLogger("gptflow.test"),
+            )
+        timer.join()
+    finally:
+        release.set()
+        holder.join(30)
+        if holder.is_alive():
+            holder.kill()
+    assert built
+    waits = [r.getMessage() for r in caplog.records if r.name == "gptflow.test" and "waiting for" in r.getMessage()]
+    # At once, then every LOCK_REPORT_SECONDS, each naming the version and its holder as the lock file records it.
+    assert len(waits) >= 3
+    assert all(f"waiting for s/v1: run run-A (pid {holder.pid} on {socket.gethostname()})" in m for m in waits)
+    assert "waited" in waits[-1]
+    assert seen_inside["run_id"] == "run-B" and seen_inside["pid"] == os.getpid()
 
 
 def test_latest_ignores_a_pointer_to_a_missing_version(tmp_path):
