@@ -17,15 +17,17 @@ from model.evaluate import bits_per_byte, eval_loss, eval_windows, target_bytes,
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import EOT, BPETokenizer, Tokenizer, train_bpe, train_char
 from storage.errors import DataIntegrityError
+from storage.registry import CHAMPION, PROMOTED, Registry
 from storage.store import Store
 from storage.tokens import open_tokens, read_meta
 from tasks import tokenizer as tokenizer_stage
 from tasks import tokens as tokens_stage
-from tasks.evaluate import REPORT_JSON, REPORT_MD, EvaluateConfig, choose_champion
+from tasks.evaluate import REPORT_JSON, REPORT_MD, EvaluateConfig, choose_champion, registry_snapshot
 from tasks.evaluate import STAGE as EVALUATE
 from tasks.quantize import STAGE as QUANTIZE
 from tasks.quantize import QuantizeConfig
 from tasks.split import SplitConfig
+from tasks.stage import cache_key
 
 TEXT = "the cat sat on the mat. a dog ran to the cat. "
 # Characters of 1, 2, 3 and 4 UTF-8 bytes: a char tokenizer over them has ids of four byte lengths.
@@ -249,7 +251,7 @@ def test_evaluate_stage_reports_every_model_and_the_champion(tmp_path: Path, tra
     assert set(learned["completion"].split()) & {"cat", "mat.", "sat", "on", "the"}
 
     markdown = (folder / REPORT_MD).read_text()
-    assert "| pretrain **(champion)** | pre |" in markdown and "| unigram baseline |" in markdown
+    assert "| pretrain **(challenger)** | pre |" in markdown and "| unigram baseline |" in markdown
     assert f"{finetune['val_loss']:.4f}" in markdown and "a do" in markdown
     for plot in ("val_loss.png", "curves.png"):
         assert (folder / plot).read_bytes().startswith(PNG_MAGIC)
@@ -262,6 +264,79 @@ def test_evaluate_stage_reports_every_model_and_the_champion(tmp_path: Path, tra
     # Same inputs and settings, rebuilt: the same numbers and the same samples.
     again = EVALUATE.run(tmp_path / "store", small_cfg(), inputs, force=True)
     assert json.loads((folder.parent / again.version / REPORT_JSON).read_text()) == report
+
+
+def test_a_changed_champion_gives_a_new_evaluate_version(tmp_path: Path) -> None:
+    cfg, store, registry = small_cfg(), Store(tmp_path), Registry(tmp_path)
+    inputs = {"tokens": "tok", "tokenizer": "tk", "pretrain": "pre", "finetune": "fin", "quantize": "q"}
+
+    def version(inputs: dict[str, str]) -> str:
+        return EVALUATE.version(cfg, inputs, registry_snapshot(cfg, store))
+
+    first = version(inputs)
+    promotes = {"decision": PROMOTED, "reason": "", "frozen_set": "f", "challenger": "pretrain/pre", "champion": None}
+    registry.commit({**promotes, "evaluate_version": first, "compared_with": None}, expected_seq=None)
+    # The evaluation that made the champion is the same version after it (a rerun finds it cached) ...
+    assert version(inputs) == first
+    # ... while another one is judged against that champion, and a new champion makes a new version again.
+    other = {**inputs, "pretrain": "pre-2"}
+    against_first = version(other)
+    assert against_first != EVALUATE.version(cfg, other, None)
+    compared = {"champion": "pretrain/pre", "seq": 1, "frozen_set": "f"}
+    changed = {**promotes, "challenger": "pretrain/pre-2", "champion": "pretrain/pre", "compared_with": compared}
+    registry.commit({**changed, "evaluate_version": against_first}, expected_seq=1)
+    assert version(other) == against_first
+    assert version(inputs) not in (first, against_first)
+    # Prefect's cache key follows it: a cached evaluation never reports a decision against an old champion.
+    parameters = {"storage": str(tmp_path), "cfg": cfg, "inputs": inputs}
+    assert cache_key(EVALUATE)(None, parameters) == f"gptflow-evaluate-{version(inputs)}"
+
+
+@pytest.mark.slow  # four evaluations
+def test_the_champion_compared_with_is_part_of_the_version(tmp_path: Path, trained: tuple[GPT, GPT]) -> None:
+    root = tmp_path / "store"
+    inputs = publish_inputs(root, *trained)
+    first = EVALUATE.run(root, small_cfg(), inputs)  # no champion yet: its best model promotes itself
+    registry = Registry(root)
+    assert registry.alias(CHAMPION)["model"] == "pretrain/pre"
+    # Run again with nothing changed: the same version, reused (not the champion judged against itself).
+    again = EVALUATE.run(root, small_cfg(), inputs)
+    assert (again.version, again.reused) == (first.version, True)
+    # Other settings: a new evaluation, which finds its best model the champion already and decides nothing.
+    resampled = EVALUATE.run(root, small_cfg(seed=7), inputs)
+    report = json.loads((Store(root).path("evaluate", resampled.version) / REPORT_JSON).read_text())
+    assert report["promotion"]["decision"] == PROMOTED
+    assert report["promotion"]["reason"] == "pretrain/pre is the champion already (decision 1)"
+    assert len(registry.history()) == 1
+
+    # Another champion (the untrained fine-tuned model, promoted by another evaluation): the same inputs
+    # and settings make a new version, judged against it, and so does Prefect's cache key.
+    frozen = registry.alias(CHAMPION)["frozen_set"]
+    registry.commit(
+        {
+            "decision": PROMOTED,
+            "challenger": "finetune/fin",
+            "champion": "pretrain/pre",
+            "reason": "by hand",
+            "frozen_set": frozen,
+            "evaluate_version": "another",
+        },
+        expected_seq=1,
+    )
+    changed = EVALUATE.run(root, small_cfg(), inputs)
+    assert changed.version != first.version and not changed.reused
+    parameters = {"storage": str(root), "cfg": small_cfg(), "inputs": inputs}
+    assert cache_key(EVALUATE)(None, parameters) == f"gptflow-evaluate-{changed.version}"
+    report = json.loads((Store(root).path("evaluate", changed.version) / REPORT_JSON).read_text())
+    promotion = report["promotion"]
+    assert (promotion["champion"], promotion["challenger"], promotion["decision"]) == (
+        "finetune/fin",
+        "pretrain/pre",
+        PROMOTED,
+    )
+    assert registry.alias(CHAMPION)["model"] == "pretrain/pre"
+    first_report = json.loads((Store(root).path("evaluate", first.version) / REPORT_JSON).read_text())
+    assert first_report["promotion"]["champion"] is None  # the first version still tells its own decision
 
 
 def test_champion_by_heldout_loss_needs_heldout_pairs(tmp_path: Path, trained: tuple[GPT, GPT]) -> None:
