@@ -89,6 +89,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # A tenth for validation: the default corpus is small, and 5% would be only ~75 documents.
         "tokenizer": {"kind": "bpe", "vocab_size": 2048, "split": {"val_fraction": 0.1}},
         "pretrain": {
+            # GPT-2's architecture and AdamW until a benchmark against "modern" decides.
+            "recipe": "gpt2",
             "n_layer": 4,
             "n_head": 4,
             "n_embd": 128,
@@ -114,6 +116,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokens": {"workers": 8},
         "tokenizer": {"kind": "bpe", "vocab_size": 16_384, "max_train_docs": 500_000},
         "pretrain": {
+            # GPT-2's architecture and AdamW for now; whether "modern" replaces it is decided later.
+            "recipe": "gpt2",
             "n_layer": 6,
             "n_head": 6,
             "n_embd": 384,
@@ -144,6 +148,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tokens": {"workers": 16},
         "tokenizer": {"kind": "bpe", "vocab_size": 50_257, "max_train_docs": 2_000_000},
         "pretrain": {
+            # GPT-2 small itself (nanoGPT's reproduction); whether "modern" replaces it is decided later.
+            "recipe": "gpt2",
             "n_layer": 12,
             "n_head": 12,
             "n_embd": 768,

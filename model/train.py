@@ -1,5 +1,9 @@
-"""The training loop: AdamW, warmup + cosine schedule, gradient accumulation and clipping, periodic evaluation,
-atomic checkpoints and exact resume. Pure PyTorch; the caller passes a batch source and a log callback.
+"""The training loop: AdamW or Muon (model/muon.py), warmup + cosine schedule, gradient accumulation and
+clipping, periodic evaluation, atomic checkpoints and exact resume. Pure PyTorch; the caller passes a batch
+source and a log callback.
+
+TrainConfig is the one definition of the training settings: each field's default, bounds and description
+are declared here once, and the stage configs (tasks/pretrain.py, tasks/finetune.py) take them from it.
 
 Exact resume rests on three things: batches are pure functions of (seed, step, micro-step) (model/data.py),
 dropout is reseeded from (seed, step, micro-step) before every micro-batch, and a checkpoint holds the
@@ -27,16 +31,18 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from model import distributed
+from model import distributed, flops, muon
 from model.checkpoint import atomic_torch_save
 from model.data import BatchSource
 from model.gpt import GPT
@@ -44,8 +50,10 @@ from storage.errors import ConfigError, DataIntegrityError
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# The fields of a metrics record that time the run rather than describe what it learned: a resumed run
+# replays every other field exactly.
+TIMING_FIELDS = ("tokens_per_s", "mfu", "time_s")
 CHECKPOINT_FORMAT = 1
-DEVICES = ("auto", "cpu", "cuda", "mps")
 # Intra-op threads of the training loop by default. The thread count decides how MKL's matmuls and ATen's
 # parallel reductions split their sums, so it changes the weights' last bits (the tiny preset's model, 1
 # against 2 threads: 3.6e-7 apart after 100 steps): it is a setting that the version id covers, never taken
@@ -53,76 +61,121 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # on two contending threads, and each process of a CPU launch (nproc) takes one core.
 CPU_THREADS = 1
 
+Device = Literal["auto", "cpu", "cuda", "mps"]
+OptimizerName = Literal["adamw", "muon"]
+
 _logger = logging.getLogger(__name__)
 
 
-@dataclass
+# Strict, as the stage configs: `max_steps: true` is a mistake, not 1.
+@pydantic_dataclass(config=ConfigDict(extra="forbid", strict=True))
 class TrainConfig:
-    """The loop's parameters. Defaults follow nanoGPT's character-level CPU recipe (shakespeare_char)."""
+    """The loop's parameters. Defaults follow nanoGPT's character-level CPU recipe (shakespeare_char), which
+    reaches ~1.9 nats/char in minutes on a laptop CPU (ENV-NOTES reference run)."""
 
-    batch_size: int = 12
-    grad_accum_steps: int = 1
-    max_steps: int = 2000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4  # nanoGPT: learning_rate / 10 (Chinchilla)
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99  # nanoGPT shakespeare_char: a little above GPT-3's 0.95 for few tokens per step
-    grad_clip: float = 1.0  # 0 turns clipping off
-    eval_interval: int = 250
-    eval_steps: int = 20
-    checkpoint_interval: int = 250
-    log_interval: int = 10
-    seed: int = 1337
-    compile: bool = False
-    device: str = "auto"
-    progress: bool = False
-    cpu_threads: int = CPU_THREADS
+    batch_size: int = Field(
+        12, description="Sequences per micro-batch (nanoGPT CPU recipe: 12); fine-tuning: pairs.", ge=1, le=4096
+    )
+    grad_accum_steps: int = Field(
+        1, description="Micro-batches per optimizer step (effective batch = batch_size x this).", ge=1, le=1024
+    )
+    max_steps: int = Field(2000, description="Optimizer steps (nanoGPT CPU recipe: 2000).", ge=1, le=10_000_000)
+    learning_rate: float = Field(
+        1e-3,
+        description="Peak learning rate of AdamW (nanoGPT shakespeare_char: 1e-3); with Muon, AdamW's rate for "
+        "the embeddings, the head and the gains.",
+        gt=0,
+        le=1,
+    )
+    min_lr: float = Field(
+        1e-4,
+        description="Learning rate at the end of the cosine decay (nanoGPT: peak / 10, as Chinchilla). Muon's "
+        "decays to the same fraction of its own peak.",
+        ge=0,
+        le=1,
+    )
+    warmup_steps: int = Field(
+        100, description="Linear warmup steps (nanoGPT shakespeare_char: 100).", ge=0, le=10_000_000
+    )
+    weight_decay: float = Field(0.1, description="AdamW weight decay on matrices (GPT-3: 0.1).", ge=0, le=10)
+    beta1: float = Field(0.9, description="AdamW beta1 (GPT-3: 0.9).", ge=0, lt=1)
+    beta2: float = Field(
+        0.99,
+        description="AdamW beta2 (nanoGPT shakespeare_char: 0.99, a little above GPT-3's 0.95 for few tokens "
+        "per step).",
+        ge=0,
+        lt=1,
+    )
+    grad_clip: float = Field(1.0, description="Clip the gradient norm to this (GPT-3: 1.0); 0 = off.", ge=0, le=1e6)
+    optimizer: OptimizerName = Field(
+        "adamw",
+        description="adamw: AdamW on every parameter (GPT-2, nanoGPT). muon: Muon (Jordan et al. 2024) on the "
+        "matrices inside the blocks and AdamW on the embeddings, the head and the gains (modded-nanogpt's "
+        "split).",
+    )
+    muon_lr: float = Field(
+        0.01,
+        description="Muon's peak learning rate, in units of spectral norm per update, on the same warmup and "
+        "cosine decay. Measured on the tiny preset's model over 200 steps: 0.005-0.01 best, 0.02 and 0.05 "
+        "worse (the Muon package's default: 0.02; modded-nanogpt's speedrun, at ~0.5M tokens per step: "
+        "0.05). Only with optimizer muon.",
+        gt=0,
+        le=10,
+    )
+    muon_momentum: float = Field(
+        0.95, description="Muon's Nesterov momentum (Jordan: 0.95 is usually fine).", ge=0, lt=1
+    )
+    muon_weight_decay: float = Field(
+        0.0,
+        description="Muon's decoupled weight decay, times its learning rate (the Muon package's default: 0).",
+        ge=0,
+        le=10,
+    )
+    muon_ns_steps: int = Field(
+        5, description="Newton-Schulz iterations that orthogonalise Muon's update (Jordan: 5).", ge=1, le=20
+    )
+    eval_interval: int = Field(
+        250,
+        description="Evaluate train and validation loss (fine-tuning: held-out) every this many steps.",
+        ge=1,
+        le=10_000_000,
+    )
+    eval_steps: int = Field(
+        20,
+        description="Batches per split in each evaluation (fine-tuning: held-out pairs beyond them are not scored).",
+        ge=1,
+        le=100_000,
+    )
+    checkpoint_interval: int = Field(
+        250, description="Write a resumable checkpoint every this many steps.", ge=1, le=10_000_000
+    )
+    log_interval: int = Field(10, description="Write a metrics.jsonl line every this many steps.", ge=1, le=10_000_000)
+    seed: int = Field(1337, description="Seed of the initial weights, batches and dropout.", ge=0, le=2**32 - 1)
+    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs; ~1x on this CPU).")
+    device: Device = Field("auto", description="Where to train: auto = cuda if available, else mps, else cpu.")
+    progress: bool = Field(False, description="Show a progress bar (loss, tokens/s) on the terminal.")
+    cpu_threads: int = Field(
+        CPU_THREADS,
+        description="Intra-op threads the training loop computes on (CPU work). Part of the version id: the "
+        "thread count changes how sums are split, so the same setting gives the same weights on any machine, "
+        "busy or not. 1 is fastest for small models on a shared machine; raise it on a large idle CPU.",
+        ge=1,
+        le=1024,
+    )
 
     # How a run executes, not what it computes: a checkpoint stays resumable when only these change.
-    RUNTIME_FIELDS = ("compile", "device", "progress")
+    # `compile`, like the device, changes the kernels, not what the model learns.
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"compile", "device", "progress"})
 
-    def __post_init__(self) -> None:
-        problems = train_config_problems(asdict(self))
+    @model_validator(mode="after")
+    def _check_together(self) -> "TrainConfig":
+        problems = schedule_problems(vars(self))
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+        return self
 
     def identity(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.RUNTIME_FIELDS}
-
-
-def train_config_problems(values: dict[str, Any]) -> list[str]:
-    """Every problem with a set of TrainConfig values (ranges and cross-field checks), for one error."""
-    problems = []
-    for name in (
-        "cpu_threads",
-        "batch_size",
-        "grad_accum_steps",
-        "max_steps",
-        "eval_interval",
-        "eval_steps",
-        "checkpoint_interval",
-        "log_interval",
-    ):
-        if values[name] < 1:
-            problems.append(f"{name} must be >= 1, got {values[name]}")
-    if values["warmup_steps"] < 0:
-        problems.append(f"warmup_steps must be >= 0, got {values['warmup_steps']}")
-    if values["learning_rate"] <= 0:
-        problems.append(f"learning_rate must be > 0, got {values['learning_rate']}")
-    if values["min_lr"] < 0:
-        problems.append(f"min_lr must be >= 0, got {values['min_lr']}")
-    problems += schedule_problems(values)
-    for name in ("beta1", "beta2"):
-        if not 0 <= values[name] < 1:
-            problems.append(f"{name} must be in [0, 1), got {values[name]}")
-    for name in ("weight_decay", "grad_clip"):
-        if values[name] < 0:
-            problems.append(f"{name} must be >= 0, got {values[name]}")
-    if values["device"] not in DEVICES and not str(values["device"]).startswith("cuda:"):
-        problems.append(f"device must be one of {list(DEVICES)} or cuda:N, got {values['device']!r}")
-    return problems
 
 
 def schedule_problems(values: dict[str, Any]) -> list[str]:
@@ -133,6 +186,17 @@ def schedule_problems(values: dict[str, Any]) -> list[str]:
     if values["min_lr"] > values["learning_rate"] > 0:
         problems.append(f"min_lr ({values['min_lr']}) must be <= learning_rate ({values['learning_rate']})")
     return problems
+
+
+def uneven_split_problems(grad_accum_steps: int, processes: int, name: str = "the number of processes") -> list[str]:
+    """Every process must run the same number of a step's micro-batches, so that DDP's mean over processes
+    weighs every micro-batch alike. `name` says what sets the process count, for the message."""
+    if grad_accum_steps % processes:
+        return [
+            f"grad_accum_steps ({grad_accum_steps}) must be divisible by {name} ({processes}): "
+            "each process runs an equal share of a step's micro-batches"
+        ]
+    return []
 
 
 # -- pieces of the loop --------------------------------------------------------------------------------
@@ -164,7 +228,8 @@ def autocast(device: torch.device) -> AbstractContextManager:
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, then cosine decay to min_lr at max_steps (nanoGPT's get_lr)."""
+    """Linear warmup over warmup_steps, then cosine decay to min_lr at max_steps (nanoGPT's get_lr). Every
+    parameter group follows it, at its `lr_scale` (Muon's: muon_lr / learning_rate; AdamW's: 1)."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / (cfg.warmup_steps + 1)
     if step >= cfg.max_steps:
@@ -183,13 +248,11 @@ def step_seed(seed: int, step: int, micro: int) -> int:
 def local_micro_steps(grad_accum_steps: int, rank: int, world: int) -> range:
     """The micro-steps of each optimizer step that process `rank` of `world` runs: rank, rank + world, ...
 
-    Every process takes the same number, so that DDP's mean over processes weighs every micro-batch alike.
+    Every process takes the same number (uneven_split_problems).
     """
-    if grad_accum_steps % world:
-        raise ValueError(
-            f"grad_accum_steps ({grad_accum_steps}) must be divisible by the number of processes ({world}): "
-            "each process runs an equal share of a step's micro-batches"
-        )
+    problems = uneven_split_problems(grad_accum_steps, world)
+    if problems:
+        raise ValueError(problems[0])
     return range(rank, grad_accum_steps, world)
 
 
@@ -199,7 +262,24 @@ def config_hash(model: GPT, cfg: TrainConfig, identity: Any = None) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """cfg.optimizer's optimizer over the model's parameters. The learning rates are the schedule's, set by
+    train_step before every step."""
+    if cfg.optimizer == "muon":
+        groups = muon.param_groups(
+            model,
+            learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            muon_lr=cfg.muon_lr,
+            muon_weight_decay=cfg.muon_weight_decay,
+        )
+        return muon.Muon(
+            groups,
+            lr=cfg.learning_rate,
+            momentum=cfg.muon_momentum,
+            ns_steps=cfg.muon_ns_steps,
+            betas=(cfg.beta1, cfg.beta2),
+        )
     return torch.optim.AdamW(
         model.optimizer_groups(cfg.weight_decay),
         lr=cfg.learning_rate,
@@ -225,8 +305,9 @@ def train_step(
     Losses stay on the device: reading them forces a GPU sync, which only logging steps pay for.
     """
     micros = local_micro_steps(cfg.grad_accum_steps, rank, world)
+    lr = lr_at(step, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, cfg)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     total = torch.zeros((), device=device)
     tokens = 0
     for micro in micros:
@@ -356,6 +437,7 @@ class TrainResult:
     steps: int
     tokens_seen: int
     seconds: float  # training wall time over every attempt, evaluation included
+    step_seconds: float  # of which in the training steps themselves (no evaluation, checkpoint or log)
     tokens_per_s: float
     train_loss: float | None  # the last logged step's loss
     train_eval_loss: float | None  # the last evaluation on training batches
@@ -439,12 +521,13 @@ def _train(
     model.to(device)
     model.train()
     optimizer = make_optimizer(model, cfg, device)
-    step, tokens_seen, seconds_before, records = 0, 0, 0.0, []
+    step, tokens_seen, seconds_before, step_seconds, records = 0, 0, 0.0, 0.0, []
     if checkpoint_path.is_file():
         state = _load_checkpoint(checkpoint_path, expected_hash)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, tokens_seen, seconds_before = state["step"], state["tokens_seen"], state["seconds"]
+        step_seconds = state.get("step_seconds", 0.0)
         records = list(state["records"])
         log(f"resuming from {checkpoint_path} at step {step}/{cfg.max_steps}")
     resumed_from = step
@@ -470,6 +553,7 @@ def _train(
                 "records": records,
                 "tokens_seen": tokens_seen,
                 "seconds": seconds_before + time.monotonic() - started,
+                "step_seconds": step_seconds,
             },
             checkpoint_path,
         )
@@ -501,12 +585,17 @@ def _train(
                 if not math.isfinite(train_loss):
                     raise ConfigError(f"training diverged: loss is {train_loss} at step {step} (lower learning_rate)")
                 elapsed = time.monotonic() - window_start
+                step_seconds += elapsed
                 record: dict[str, Any] = {
                     "step": step,
                     "train_loss": train_loss,
                     "lr": lr,
                     "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0,
                 }
+                # Per device: every process computes its share of the tokens on its own device.
+                utilisation = flops.mfu(model.config, record["tokens_per_s"] / world, device)
+                if utilisation is not None:
+                    record["mfu"] = utilisation
                 if norm is not None:
                     record["grad_norm"] = float(norm)  # the same on every process: gradients are all-reduced
                 if evaluate_now:
@@ -515,6 +604,7 @@ def _train(
                         record["train_eval_loss"] = losses["train"]
                     if "val" in losses:
                         record["val_loss"] = losses["val"]
+                record["time_s"] = seconds_before + time.monotonic() - started  # wall time, every attempt
                 records.append(record)
                 if metrics_file is not None:
                     metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
@@ -524,6 +614,8 @@ def _train(
                 bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 line = f"step {step}/{cfg.max_steps} | loss {train_loss:.4f} | lr {lr:.2e}"
                 line += f" | {record['tokens_per_s']:.0f} tok/s"
+                if "mfu" in record:
+                    line += f" | mfu {record['mfu']:.1%}"
                 if "val_loss" in record or "train_eval_loss" in record:
                     line += f" | eval train {record.get('train_eval_loss', float('nan')):.4f}"
                     line += f" val {record.get('val_loss', float('nan')):.4f}"
@@ -541,6 +633,7 @@ def _train(
         steps=step,
         tokens_seen=tokens_seen,
         seconds=seconds,
+        step_seconds=step_seconds,
         tokens_per_s=tokens_seen / seconds if seconds > 0 else 0.0,
         train_loss=next((r["train_loss"] for r in reversed(records)), None),
         train_eval_loss=next((r["train_eval_loss"] for r in reversed(records) if "train_eval_loss" in r), None),

@@ -24,20 +24,31 @@ from model.tokenizer import FILENAME, Tokenizer
 from model.train import METRICS, plot_losses, resolve_device
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store, canonical_json
-from tasks.pretrain import RUN_RECORDS, TrainingFields, result_metrics, training_environment
+from tasks.pretrain import RUN_RECORDS, TrainingConfig, result_metrics, training_environment, training_fields
 from tasks.sample_data import default_finetune_pairs
 from tasks.stage import Stage, StageContext, stage_task
 
 HELDOUT = "heldout.jsonl"
 
 
-class FinetuneConfig(TrainingFields):
+class FinetuneConfig(
+    training_fields(
+        max_steps=300,
+        learning_rate=3e-4,
+        min_lr=3e-5,  # peak / 10, as pretraining's
+        warmup_steps=20,
+        eval_interval=50,
+        eval_steps=50,
+        checkpoint_interval=50,
+        batch_size=8,
+    )
+):
     """Fine-tuning data, held-out split and training loop. Loop defaults are the pretraining ones scaled
     down: fewer steps at a lower peak rate, as fine-tuning a pretrained model calls for (nanoGPT's
     finetune_shakespeare: a constant 3e-5 on GPT-2; a tiny model from scratch tolerates more)."""
 
     # The path only says where the data is; the version follows its content through the identity hook.
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = TrainingFields.RUNTIME_FIELDS | {"data"}
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = TrainingConfig.RUNTIME_FIELDS | {"data"}
 
     data: str | None = Field(
         None, description='JSONL file of {"prompt": ..., "response": ...} objects; unset = the embedded default set.'
@@ -49,23 +60,6 @@ class FinetuneConfig(TrainingFields):
         ge=0,
         le=0.5,
     )
-    max_steps: int = Field(300, description="Optimizer steps.", ge=1, le=10_000_000)
-    learning_rate: float = Field(3e-4, description="Peak learning rate (below pretraining's 1e-3).", gt=0, le=1)
-    min_lr: float = Field(3e-5, description="Learning rate at the end of the cosine decay (peak / 10).", ge=0, le=1)
-    warmup_steps: int = Field(20, description="Linear warmup steps.", ge=0, le=10_000_000)
-    eval_interval: int = Field(
-        50, description="Evaluate train and held-out loss every this many steps.", ge=1, le=10_000_000
-    )
-    eval_steps: int = Field(
-        50,
-        description="Batches per split in each evaluation (held-out pairs beyond them are not scored).",
-        ge=1,
-        le=100_000,
-    )
-    checkpoint_interval: int = Field(
-        50, description="Write a resumable checkpoint every this many steps.", ge=1, le=10_000_000
-    )
-    batch_size: int = Field(8, description="Pairs per micro-batch.", ge=1, le=4096)
 
 
 @cache

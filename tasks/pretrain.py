@@ -6,29 +6,37 @@ result as a run that was never interrupted. Output (contract): model.pt, model_c
 and loss.png.
 
 With nproc > 1 the training runs in that many processes (PyTorch DDP under torchrun, model/train_entry.py)
-that this stage waits for, forwarding their log; the files published are the same.
+that this stage waits for, forwarding their log; the files published are the same. With nnodes > 1 this
+machine leads a launch over several (model/train_entry.py says what the others run).
+
+The training loop's settings are model/train.py's TrainConfig fields, declared there once; this module
+makes them stage-config fields (`training_fields`), for this stage and for finetune.
 """
 
+import dataclasses
 import shutil
 from dataclasses import asdict
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
+from pydantic.fields import FieldInfo
 
+from model import distributed
 from model.checkpoint import CONFIG, WEIGHTS, save_model
 from model.data import check_window_fits
-from model.gpt import GPTConfig
+from model.gpt import MLP_KINDS, GPTConfig, gpt_config_problems
 from model.train import (
-    CPU_THREADS,
     METRICS,
+    OptimizerName,
     TrainConfig,
     TrainResult,
     plot_losses,
     precision,
     resolve_device,
     schedule_problems,
+    uneven_split_problems,
 )
 from model.train_entry import PretrainSettings, launch, pretrain
 from storage.errors import ConfigError, DataIntegrityError
@@ -41,81 +49,108 @@ from tasks.stage import Stage, StageConfig, StageContext, stage_task
 VOCAB_MULTIPLE = 64
 
 
-class TrainingFields(StageConfig):
-    """The training-loop fields shared by pretrain and finetune. Defaults: nanoGPT's shakespeare_char
-    CPU recipe, which reaches ~1.9 nats/char in minutes on a laptop CPU (ENV-NOTES reference run)."""
+class TrainingConfig(StageConfig):
+    """What the pretrain and finetune configs share: the training loop's fields (TrainConfig's, given by
+    `training_fields`) and their checks."""
 
-    # `compile`, like the device, changes how the run executes (kernels), not what it learns.
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = frozenset({"device", "progress", "compile"})
-
-    batch_size: int = Field(12, description="Sequences per micro-batch (nanoGPT CPU recipe: 12).", ge=1, le=4096)
-    grad_accum_steps: int = Field(
-        1, description="Micro-batches per optimizer step (effective batch = batch_size x this).", ge=1, le=1024
-    )
-    max_steps: int = Field(2000, description="Optimizer steps (nanoGPT CPU recipe: 2000).", ge=1, le=10_000_000)
-    learning_rate: float = Field(1e-3, description="Peak learning rate (nanoGPT shakespeare_char: 1e-3).", gt=0, le=1)
-    min_lr: float = Field(
-        1e-4, description="Learning rate at the end of the cosine decay (nanoGPT: peak / 10).", ge=0, le=1
-    )
-    warmup_steps: int = Field(
-        100, description="Linear warmup steps (nanoGPT shakespeare_char: 100).", ge=0, le=10_000_000
-    )
-    weight_decay: float = Field(0.1, description="AdamW weight decay on matrices (GPT-3: 0.1).", ge=0, le=10)
-    beta1: float = Field(0.9, description="AdamW beta1 (GPT-3: 0.9).", ge=0, lt=1)
-    beta2: float = Field(
-        0.99, description="AdamW beta2 (nanoGPT shakespeare_char: 0.99, for few tokens per step).", ge=0, lt=1
-    )
-    grad_clip: float = Field(1.0, description="Clip the gradient norm to this (GPT-3: 1.0); 0 = off.", ge=0, le=1e6)
-    eval_interval: int = Field(
-        250, description="Evaluate train and val loss every this many steps.", ge=1, le=10_000_000
-    )
-    eval_steps: int = Field(20, description="Batches per split in each evaluation.", ge=1, le=100_000)
-    checkpoint_interval: int = Field(
-        250, description="Write a resumable checkpoint every this many steps.", ge=1, le=10_000_000
-    )
-    log_interval: int = Field(10, description="Write a metrics.jsonl line every this many steps.", ge=1, le=10_000_000)
-    seed: int = Field(1337, description="Seed of the initial weights, batches and dropout.", ge=0, le=2**32 - 1)
-    compile: bool = Field(False, description="torch.compile the model (worth it on GPUs; ~1x on this CPU).")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
-        "auto", description="Where to train: auto = cuda if available, else mps, else cpu."
-    )
-    progress: bool = Field(False, description="Show a progress bar (loss, tokens/s) on the terminal.")
-    cpu_threads: int = Field(
-        CPU_THREADS,
-        description="Intra-op threads the training loop computes on (CPU work). Part of the version id: the "
-        "thread count changes how sums are split, so the same setting gives the same weights on any machine, "
-        "busy or not. 1 is fastest for small models on a shared machine; raise it on a large idle CPU.",
-        ge=1,
-        le=1024,
-    )
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = TrainConfig.RUNTIME_FIELDS
 
     def problems(self) -> list[str]:
         """Cross-field problems; subclasses add theirs."""
         return schedule_problems(self.model_dump())
 
     @model_validator(mode="after")
-    def _check_together(self) -> "TrainingFields":
+    def _check_together(self) -> "TrainingConfig":
         problems = self.problems()
         if problems:
             raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
         return self
 
     def train_config(self) -> TrainConfig:
-        names = TrainConfig.__dataclass_fields__
-        return TrainConfig(**{name: getattr(self, name) for name in names})
+        return TrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+def with_default(field: FieldInfo, default: Any) -> FieldInfo:
+    """`field` with another default; its type, bounds and description stay as declared. The new default is
+    checked against the bounds like a value given."""
+    return FieldInfo.merge_field_infos(field, default=default, validate_default=True)
+
+
+def training_fields(**defaults: Any) -> type[TrainingConfig]:
+    """A TrainingConfig holding TrainConfig's fields as declared there, with `defaults` replacing some of
+    their defaults: a stage that trains with other defaults names only those."""
+    declared = TrainConfig.__pydantic_fields__
+    unknown = sorted(set(defaults) - set(declared))
+    if unknown:
+        raise TypeError(f"training_fields: {', '.join(unknown)} are not TrainConfig fields")
+    fields = {
+        name: (info.annotation, with_default(info, defaults[name]) if name in defaults else info)
+        for name, info in declared.items()
+    }
+    return create_model("TrainingFields", __base__=TrainingConfig, __module__=__name__, **fields)
+
+
+TrainingFields = training_fields()
+
+# A recipe is a whole set of choices at once; each stays its own field (None = the recipe's value).
+Recipe = Literal["gpt2", "modern"]
+MlpKind = Literal[MLP_KINDS]  # model/gpt.py's choices: ("gelu", "relu2")
+RECIPES: dict[str, dict[str, Any]] = {
+    # GPT-2 (Radford et al. 2019) as nanoGPT trains it: learned positions, GELU, tied embeddings, AdamW.
+    "gpt2": {"rope": False, "qk_norm": False, "mlp": "gelu", "tie_embeddings": True, "optimizer": "adamw"},
+    # modded-nanogpt's (Jordan et al. 2024): rotary positions, QK-norm, ReLU², an untied head, Muon.
+    "modern": {"rope": True, "qk_norm": True, "mlp": "relu2", "tie_embeddings": False, "optimizer": "muon"},
+}
+
+
+def _recipe_values(name: str) -> str:
+    return ", ".join(f"{recipe}: {values[name]}" for recipe, values in RECIPES.items())
+
+
+def from_recipe(description: str, name: str) -> Any:
+    """A field that defaults to the recipe's value: unset (None) takes it, a value given overrides it."""
+    return Field(None, description=f"{description} Unset: the recipe's ({_recipe_values(name)}).")
 
 
 class PretrainConfig(TrainingFields):
-    """Model shape and training loop of the pretraining stage."""
+    """Model shape, recipe and training loop of the pretraining stage."""
 
-    RUNTIME_FIELDS: ClassVar[frozenset[str]] = TrainingFields.RUNTIME_FIELDS | {"nproc"}
+    RUNTIME_FIELDS: ClassVar[frozenset[str]] = TrainingFields.RUNTIME_FIELDS | {"nproc", "nnodes", "rdzv_endpoint"}
 
+    recipe: Recipe = Field(
+        "gpt2",
+        description="The architecture and optimizer as a whole: gpt2 (GPT-2 as nanoGPT trains it: learned "
+        "positions, GELU, tied embeddings, AdamW) or modern (modded-nanogpt's: rotary positions, QK-norm, "
+        "ReLU², untied head, Muon). Sets rope, qk_norm, mlp, tie_embeddings and optimizer where they are unset.",
+    )
     n_layer: int = Field(4, description="Transformer blocks (nanoGPT CPU recipe: 4).", ge=1, le=256)
     n_head: int = Field(4, description="Attention heads per block (nanoGPT CPU recipe: 4).", ge=1, le=256)
     n_embd: int = Field(128, description="Embedding width (nanoGPT CPU recipe: 128).", ge=1, le=32768)
     block_size: int = Field(64, description="Context length in tokens (nanoGPT CPU recipe: 64).", ge=2, le=131072)
     dropout: float = Field(0.0, description="Dropout rate (nanoGPT: 0 for pretraining, 0.1+ to fine-tune).", ge=0, lt=1)
     bias: bool = Field(False, description="Biases in Linear and LayerNorm (GPT-2: True; False trains a bit better).")
+    rope: bool | None = from_recipe(
+        "Rotary position embeddings (Su et al. 2021, RoFormer; modded-nanogpt) instead of a learned position "
+        "table (GPT-2).",
+        "rope",
+    )
+    rope_base: float = Field(
+        10000.0, description="Base of the rotary frequencies (RoFormer: 10,000). Only with rope.", gt=1, le=1e9
+    )
+    qk_norm: bool | None = from_recipe(
+        "RMS-normalise queries and keys per head before attention (Dehghani et al. 2023; modded-nanogpt).",
+        "qk_norm",
+    )
+    mlp: MlpKind | None = from_recipe(
+        "The MLP's activation: gelu (GPT-2) or relu2, ReLU squared (So et al. 2021, Primer; modded-nanogpt).",
+        "mlp",
+    )
+    tie_embeddings: bool | None = from_recipe(
+        "Share the token embedding with the output head (Press & Wolf 2017; GPT-2); false: a separate head "
+        "(modded-nanogpt).",
+        "tie_embeddings",
+    )
+    optimizer: OptimizerName | None = from_recipe(TrainConfig.__pydantic_fields__["optimizer"].description, "optimizer")
     nproc: int = Field(
         1,
         description=(
@@ -126,16 +161,53 @@ class PretrainConfig(TrainingFields):
         ge=1,
         le=1024,
     )
+    nnodes: int = Field(
+        1,
+        description="Machines training together, nproc processes each (torchrun's c10d rendezvous at "
+        "rdzv_endpoint); this one leads and logs the command the others run. Not part of the version id.",
+        ge=1,
+        le=1024,
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        description="HOST:PORT of the c10d rendezvous with nnodes > 1: an address of this machine that every "
+        "node reaches (torchrun's --rdzv-endpoint, e.g. 10.0.0.1:29500).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_recipe(cls, data: Any) -> Any:
+        """Unset options take the recipe's values before anything reads them: the model, the version id and
+        the manifest see concrete values only. An unknown recipe is left for its field to refuse."""
+        if isinstance(data, dict):
+            recipe = RECIPES.get(data.get("recipe", cls.model_fields["recipe"].default))
+            if recipe is not None:
+                data = {**data, **{name: value for name, value in recipe.items() if data.get(name) is None}}
+        return data
+
+    def identity_params(self) -> dict[str, Any]:
+        # The recipe only names the options it set, and they are resolved by now: `recipe: modern` and its
+        # options spelled out under another recipe are the same training, so the same version.
+        return self.model_dump(mode="json", exclude=set(self.RUNTIME_FIELDS) | {"recipe"})
+
+    def model_options(self) -> dict[str, Any]:
+        """The GPTConfig fields this config sets (all but the vocabulary size, which the tokens decide)."""
+        names = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+        return {name: getattr(self, name) for name in names}
 
     def problems(self) -> list[str]:
-        problems = super().problems()
-        if self.n_embd % self.n_head:
-            problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.grad_accum_steps % self.nproc:
-            problems.append(
-                f"grad_accum_steps ({self.grad_accum_steps}) must be divisible by nproc ({self.nproc}): "
-                "each process runs an equal share of a step's micro-batches"
-            )
+        problems = super().problems() + gpt_config_problems(self.model_options())
+        processes = "nproc" if self.nnodes == 1 else "nproc x nnodes"
+        problems += uneven_split_problems(self.grad_accum_steps, self.nproc * self.nnodes, processes)
+        if self.nnodes > 1 and self.rdzv_endpoint is None:
+            problems.append(f"nnodes ({self.nnodes}) > 1 needs rdzv_endpoint, HOST:PORT of this node's rendezvous")
+        if self.rdzv_endpoint is not None:
+            if self.nnodes == 1:
+                problems.append(f"rdzv_endpoint ({self.rdzv_endpoint!r}) is set but nnodes is 1: it would be unused")
+            try:
+                distributed.parse_endpoint(self.rdzv_endpoint)
+            except ConfigError as exc:
+                problems.append(str(exc))
         return problems
 
 
@@ -159,6 +231,7 @@ def result_metrics(result: TrainResult) -> dict[str, Any]:
         "val_loss": result.val_loss,
         "best_val_loss": result.best_val_loss,
         "seconds": round(result.seconds, 3),
+        "step_seconds": round(result.step_seconds, 3),
         "tokens_per_s": round(result.tokens_per_s, 1),
         "device": result.device,
         "cpu_threads": result.cpu_threads,
@@ -176,15 +249,7 @@ def build(ctx: StageContext, cfg: PretrainConfig) -> dict[str, Any]:
         check_token_range(tokens, meta["vocab_size"], str(folder / f"{split}.bin"))
         check_window_fits(tokens, cfg.block_size, str(folder / f"{split}.bin"))  # before processes start
 
-    model_config = GPTConfig(
-        vocab_size=padded_vocab_size(meta["vocab_size"]),
-        block_size=cfg.block_size,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        n_embd=cfg.n_embd,
-        dropout=cfg.dropout,
-        bias=cfg.bias,
-    )
+    model_config = GPTConfig(vocab_size=padded_vocab_size(meta["vocab_size"]), **cfg.model_options())
     settings = PretrainSettings(
         tokens=str(folder),
         model=model_config.to_dict(),
@@ -197,12 +262,16 @@ def build(ctx: StageContext, cfg: PretrainConfig) -> dict[str, Any]:
         ctx.progress(record["step"] / cfg.max_steps)
 
     check_processes_fit(cfg.nproc, resolve_device(cfg.device))
-    if cfg.nproc == 1:
+    processes = cfg.nproc * cfg.nnodes
+    if processes == 1:
         model, result = pretrain(settings, log=ctx.log.info, on_record=on_record)
         params = model.num_params()
         save_model(ctx.out, model)
     else:
-        result, params = launch(settings, cfg.nproc, log=ctx.log.info, warn=ctx.log.warning, on_record=on_record)
+        nodes = {"nnodes": cfg.nnodes, "rdzv_endpoint": cfg.rdzv_endpoint} if cfg.nnodes > 1 else {}
+        result, params = launch(
+            settings, cfg.nproc, **nodes, log=ctx.log.info, warn=ctx.log.warning, on_record=on_record
+        )
         for name in (WEIGHTS, CONFIG):
             shutil.copyfile(ctx.work / "final" / name, ctx.out / name)
 
@@ -212,12 +281,12 @@ def build(ctx: StageContext, cfg: PretrainConfig) -> dict[str, Any]:
         "params": params,
         "vocab_size": meta["vocab_size"],
         "padded_vocab_size": model_config.vocab_size,
-        "processes": cfg.nproc,
+        "processes": processes,
         **result_metrics(result),
     }
 
 
-def training_environment(cfg: TrainingFields) -> dict[str, Any]:
+def training_environment(cfg: TrainingConfig) -> dict[str, Any]:
     """What of the machine shapes a trained model: the device kind, and the precision the loop computes in
     there (bf16 autocast on CUDA GPUs that support it, fp32 elsewhere). A CUDA bf16 model and a CPU fp32 one
     are different versions, though their settings are the same."""

@@ -16,7 +16,7 @@ from test_pretrain import cycle, publish_tokens, tiny_config
 from model import distributed
 from model.checkpoint import load_model
 from model.gpt import GPTConfig
-from model.train import CHECKPOINT, METRICS, local_micro_steps, read_metrics
+from model.train import CHECKPOINT, METRICS, TIMING_FIELDS, local_micro_steps, read_metrics
 from model.train_entry import RESULT, PretrainSettings, launch, pretrain
 from storage.errors import DataIntegrityError, TransientError
 from storage.store import Store
@@ -60,7 +60,7 @@ def settings_for(store: Store, tokens: str, folder: Path, **overrides) -> Pretra
 
 
 def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ import builders
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
+from flows.config import PipelineOverrides
 from model.data import ExampleBatches
 from model.finetune import (
     IGNORE_INDEX,
@@ -21,7 +23,7 @@ from model.finetune import (
 )
 from model.gpt import GPT, GPTConfig
 from model.tokenizer import EOT, Tokenizer, train_char
-from model.train import read_metrics
+from model.train import TrainConfig, read_metrics
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
 from tasks.finetune import STAGE, FinetuneConfig, finetune_pairs
@@ -277,3 +279,32 @@ def test_tokenizer_other_than_the_pretrained_one_is_refused(pretrained: tuple[Pa
         ConfigError, match=f"pretrain/{pretrain_version} was built from tokenizer/tok1, not from the tokenizer/tok2"
     ):
         STAGE.run(root, tiny_finetune_config(data), {"pretrain": pretrain_version, "tokenizer": other})
+
+
+# -- settings ------------------------------------------------------------------------------------------
+
+
+def test_training_settings_are_declared_once_for_both_stages() -> None:
+    pretrain = PretrainConfig.model_json_schema()["properties"]
+    finetune = FinetuneConfig.model_json_schema()["properties"]
+    bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "type")
+    for name in ("batch_size", "max_steps", "learning_rate", "min_lr", "warmup_steps", "eval_steps", "beta2"):
+        # One description and one set of bounds, whatever default each stage gives the field.
+        assert finetune[name]["description"] == pretrain[name]["description"], name
+        assert {k: finetune[name].get(k) for k in bounds} == {k: pretrain[name].get(k) for k in bounds}, name
+        assert finetune[name]["description"] == TrainConfig.__pydantic_fields__[name].description
+    assert pretrain["learning_rate"]["maximum"] == 1 and pretrain["learning_rate"]["exclusiveMinimum"] == 0
+    # Fine-tuning's own defaults, within the same bounds, which its values are held to.
+    defaults = {"max_steps": 300, "learning_rate": 3e-4, "min_lr": 3e-5, "warmup_steps": 20, "batch_size": 8}
+    assert {name: finetune[name]["default"] for name in defaults} == defaults
+    assert {name: pretrain[name]["default"] for name in defaults} == {
+        "max_steps": 2000, "learning_rate": 1e-3, "min_lr": 1e-4, "warmup_steps": 100, "batch_size": 12,
+    }  # fmt: skip
+    for name, value in (("max_steps", 0), ("learning_rate", 2.0), ("batch_size", 5000)):
+        with pytest.raises(ValidationError, match=name):
+            FinetuneConfig(**{name: value})
+    expected = TrainConfig(**defaults, eval_interval=50, eval_steps=50, checkpoint_interval=50)
+    assert FinetuneConfig().train_config() == expected
+    # The UI form (every field optional) shows the same description and enforces the same bounds.
+    form = PipelineOverrides.model_json_schema()["$defs"]["FinetuneConfigOverrides"]["properties"]["learning_rate"]
+    assert form["description"] == pretrain["learning_rate"]["description"] and form["anyOf"][0]["maximum"] == 1

@@ -6,6 +6,7 @@ import builders
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from model.checkpoint import load_model
 from model.train import CHECKPOINT, read_metrics
@@ -162,3 +163,41 @@ def test_more_processes_than_gpus_is_refused_before_training() -> None:
         check_processes_fit(torch.cuda.device_count(), torch.device("cuda"))
     with pytest.raises(ConfigError, match=r"pretrain.nproc=\d+ needs \d+ CUDA devices"):
         check_processes_fit(torch.cuda.device_count() + 1, torch.device("cuda"))
+
+
+def test_several_nodes_need_a_rendezvous_endpoint() -> None:
+    def problem(**overrides) -> str:
+        with pytest.raises(ValidationError) as err:
+            tiny_config(**overrides)
+        (error,) = err.value.errors()
+        assert "\n" not in error["msg"]
+        return error["msg"]
+
+    assert "nnodes (2) > 1 needs rdzv_endpoint" in problem(nnodes=2)
+    assert "rdzv_endpoint 'head-node': expected HOST:PORT" in problem(nnodes=2, rdzv_endpoint="head-node")
+    assert "is set but nnodes is 1" in problem(rdzv_endpoint="10.0.0.1:29500")
+    # Every process of every node runs an equal share of a step's micro-batches.
+    assert "grad_accum_steps (2) must be divisible by nproc x nnodes (4)" in problem(
+        nnodes=2, nproc=2, grad_accum_steps=2, rdzv_endpoint="10.0.0.1:29500"
+    )
+    cfg = tiny_config(nnodes=2, grad_accum_steps=2, rdzv_endpoint="10.0.0.1:29500")
+    # How many machines train, and where they meet, do not change what is trained.
+    assert {"nnodes", "rdzv_endpoint"} <= PretrainConfig.RUNTIME_FIELDS
+    assert STAGE.version(cfg, {"tokens": "t"}) == STAGE.version(tiny_config(grad_accum_steps=2), {"tokens": "t"})
+
+
+def test_a_multi_node_run_is_launched_with_its_nodes_and_endpoint(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def launch(settings, nproc, **kwargs):
+        calls.append((nproc, {k: v for k, v in kwargs.items() if k in ("nnodes", "rdzv_endpoint")}))
+        raise ConfigError("launch stopped here")
+
+    monkeypatch.setattr("tasks.pretrain.launch", launch)
+    tokens = publish_tokens(store, cycle(3000), cycle(500))
+    cfg = tiny_config(nnodes=3, grad_accum_steps=3, rdzv_endpoint="10.0.0.1:29500")
+    with pytest.raises(ConfigError, match="launch stopped here"):
+        STAGE.run(store.root, cfg, {"tokens": tokens})
+    assert calls == [(1, {"nnodes": 3, "rdzv_endpoint": "10.0.0.1:29500"})]

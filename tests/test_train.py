@@ -16,7 +16,7 @@ import torch
 from model import train as train_module
 from model.data import TokenBatches
 from model.gpt import GPT, GPTConfig
-from model.train import CHECKPOINT, METRICS, TrainConfig, lr_at, plot_losses, read_metrics, train
+from model.train import CHECKPOINT, METRICS, TIMING_FIELDS, TrainConfig, lr_at, plot_losses, read_metrics, train
 from storage.errors import ConfigError, DataIntegrityError, DiskFullError
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -104,12 +104,17 @@ def test_warmup_then_cosine_decay_to_min_lr() -> None:
 
 
 def test_bad_train_config_lists_every_problem() -> None:
+    # Each field's own range first (all of them in one error), then the checks between fields (likewise).
     with pytest.raises(ValueError) as err:
-        tiny_train_config(max_steps=10, warmup_steps=10, min_lr=1.0, beta2=1.0, device="tpu")
+        tiny_train_config(beta2=1.0, device="tpu", optimizer="sgd")
     message = str(err.value)
-    for expected in ("warmup_steps (10) must be < max_steps (10)", "min_lr (1.0) must be <= learning_rate", "beta2"):
-        assert expected in message
-    assert "device must be one of" in message
+    assert "beta2\n  Input should be less than 1" in message
+    assert "device\n  Input should be 'auto', 'cpu', 'cuda' or 'mps'" in message
+    assert "optimizer\n  Input should be 'adamw' or 'muon'" in message
+    with pytest.raises(ValueError) as err:
+        tiny_train_config(max_steps=10, warmup_steps=10, min_lr=1.0)
+    for expected in ("warmup_steps (10) must be < max_steps (10)", "min_lr (1.0) must be <= learning_rate"):
+        assert expected in str(err.value)
 
 
 # -- learning and metrics ------------------------------------------------------------------------------
@@ -139,6 +144,18 @@ def test_metrics_lines_cover_logged_and_evaluated_steps(tmp_path: Path) -> None:
         assert {"step", "train_loss", "lr", "tokens_per_s"} <= record.keys()
         assert math.isfinite(record["train_loss"]) and record["tokens_per_s"] > 0
     assert all("train_eval_loss" in r for r in records if "val_loss" in r)
+
+
+def test_records_time_the_run_and_the_steps_apart(tmp_path: Path) -> None:
+    cfg = tiny_train_config(max_steps=20, log_interval=5, eval_interval=10, eval_steps=40)
+    result = train(tiny_model(), batches(cfg), cfg, tmp_path)
+    records = read_metrics(tmp_path / METRICS)
+    times = [r["time_s"] for r in records]
+    assert times == sorted(times) and 0 < times[-1] <= result.seconds
+    # Evaluations (40 batches per split, twice) are outside the steps' time, inside the run's.
+    assert 0 < result.step_seconds < result.seconds
+    # On the CPU the utilisation is against the measured matmul peak of the loop's thread count.
+    assert all(0 < r["mfu"] for r in records)
 
 
 def test_loss_plot_is_a_png(tmp_path: Path) -> None:
@@ -172,28 +189,29 @@ class StuckAfterCheckpoint:
         return self.source.eval_batches(split, count)
 
 
-def run_until_stuck(folder: str) -> None:
+def run_until_stuck(folder: str, optimizer: str) -> None:
     """Entry point of the subprocess that the resume test kills with SIGKILL."""
     torch.set_num_threads(1)
-    cfg = tiny_train_config(**RESUME_CONFIG)
+    cfg = tiny_train_config(**RESUME_CONFIG, optimizer=optimizer)
     train(tiny_model(dropout=0.1), StuckAfterCheckpoint(batches(cfg), Path(folder) / "stuck"), cfg, Path(folder))
 
 
 def without_timing(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
 
 
 @pytest.mark.timeout(120)
-def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path) -> None:
-    cfg = tiny_train_config(**RESUME_CONFIG)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path, optimizer: str) -> None:
+    cfg = tiny_train_config(**RESUME_CONFIG, optimizer=optimizer)
     reference = tiny_model(dropout=0.1)
     train(reference, batches(cfg), cfg, tmp_path / "uninterrupted")
 
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     code = f"import sys; sys.path.insert(0, {str(PROJECT / 'tests')!r}); import test_train; "
-    code += "test_train.run_until_stuck(sys.argv[1])"
-    process = subprocess.Popen([sys.executable, "-c", code, str(resumed_dir)], cwd=PROJECT)
+    code += "test_train.run_until_stuck(*sys.argv[1:])"
+    process = subprocess.Popen([sys.executable, "-c", code, str(resumed_dir), optimizer], cwd=PROJECT)
     try:
         deadline = time.monotonic() + 90
         while not (resumed_dir / "stuck").exists():
@@ -221,7 +239,11 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path: Path) 
     assert without_timing(got) == without_timing(expected)
     optimizer_a = torch.load(tmp_path / "uninterrupted" / CHECKPOINT, weights_only=True)["optimizer"]["state"]
     optimizer_b = torch.load(resumed_dir / CHECKPOINT, weights_only=True)["optimizer"]["state"]
+    assert optimizer_a.keys() == optimizer_b.keys() and len(optimizer_a) == len(list(reference.parameters()))
+    # Muon's momentum buffers (the hidden matrices) are in the checkpoint, beside AdamW's moments (the rest).
+    assert any("momentum_buffer" in state for state in optimizer_a.values()) == (optimizer == "muon")
     for key, state in optimizer_a.items():
+        assert state.keys() == optimizer_b[key].keys()
         assert all(torch.equal(state[name], optimizer_b[key][name]) for name in state)
 
 
@@ -260,9 +282,13 @@ def test_damaged_checkpoint_is_a_data_error_naming_the_file(tmp_path: Path) -> N
 
 
 def test_diverging_run_fails_with_a_clear_error(tmp_path: Path) -> None:
-    cfg = tiny_train_config(max_steps=10, learning_rate=1e6, min_lr=0.0, grad_clip=0.0, log_interval=1)
-    with pytest.raises(ConfigError, match="training diverged: loss is nan at step"):
-        train(tiny_model(), batches(cfg), cfg, tmp_path)
+    # learning_rate's bound (<= 1) keeps ten steps finite, so the weights are made to overflow instead.
+    cfg = tiny_train_config(max_steps=10, grad_clip=0.0, log_interval=1)
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("inf"))
+    with pytest.raises(ConfigError, match="training diverged: loss is nan at step 1"):
+        train(model, batches(cfg), cfg, tmp_path)
 
 
 class FillsUp(io.FileIO):
