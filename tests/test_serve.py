@@ -1,5 +1,6 @@
 """The deployments against a real Prefect server: `gptflow serve` registers the on-demand pipeline and the
-nightly schedule, and a run triggered through the API (as the UI does) executes and lands in the store."""
+nightly schedule, a run triggered through the API (as the UI does) executes and lands in the store, and
+stopping serve pauses the deployments."""
 
 import json
 import os
@@ -103,6 +104,8 @@ def test_served_deployments_run_when_triggered(prefect_server, tmp_path):
         assert set(deployments) == {"pipeline", "nightly-retrain"}
         (schedule,) = deployments["nightly-retrain"]["schedules"]
         assert schedule["schedule"]["cron"] == "0 2 * * *" and schedule["active"]
+        assert schedule["schedule"]["timezone"] == "UTC"  # stated, so that the UI shows it
+        assert deployments["nightly-retrain"]["global_concurrency_limit"]["limit"] == 1
 
         parameters = {"selection": {"until": "extract"}}
         create = f"/deployments/{deployments['pipeline']['id']}/create_flow_run"
@@ -122,3 +125,7 @@ def test_served_deployments_run_when_triggered(prefect_server, tmp_path):
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         serve.wait(timeout=60)
+    # Stopping `gptflow serve` pauses what it served: no nightly run is scheduled while nothing would run it.
+    assert not deployments["nightly-retrain"]["paused"]
+    served = {d["name"]: d for d in api(url, "/deployments/filter", {})}
+    assert served["nightly-retrain"]["paused"] and served["pipeline"]["paused"]
