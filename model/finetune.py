@@ -1,14 +1,34 @@
-"""Supervised fine-tuning on prompt/response pairs, with the loss on response tokens only.
+"""Supervised fine-tuning on prompt/response pairs, with the loss on response tokens only; full, or LoRA.
 
-Each pair becomes `PROMPT_TEMPLATE.format(prompt=...)` + response + end-of-text, truncated to block_size.
-The prompt and the response are encoded separately, so the boundary between them is exact whatever the
-tokenizer merges; labels are -100 (ignored) on prompt positions and on padding. Training reuses the loop
-of model/train.py (schedule, clipping, checkpoints, exact resume) with a batch source of whole examples.
+The template. A pair becomes one row of tokens:
+
+    ### Prompt:\n{prompt}\n### Response:\n{response}<|endoftext|>
+
+`PROMPT_TEMPLATE.format(prompt=...)` is encoded as one text (as `gptflow generate --instruction` encodes
+it), the response and its closing end-of-text apart, so the boundary between them is exact whatever the
+tokenizer merges. Labels are the next tokens, -100 (ignored) wherever the next token is still the prompt's:
+the loss covers the response tokens and the end-of-text that closes them, which teaches where an answer
+stops.
+
+The packing. One pair per row, never two: rows of a batch are right-padded to the longest, and padding is
+never a target (causal attention never lets a real position see the padding after it).
+
+Truncation. A row holds at most block_size inputs (block_size + 1 tokens with the last target). A pair
+longer than that is cut on the prompt side: the header `### Prompt:\n` stays, the prompt loses tokens from
+its start, so its end (usually the question itself) and the `\n### Response:\n` line stay, and the whole
+response is trained on. Only a response that does not fit even after the header and that line alone is cut
+at its end (the prompt's text is then gone entirely). encode_pairs counts both kinds; a pair keeps no
+target only when block_size cannot hold the template's own lines (then it is dropped and counted).
+
+Training reuses the loop of model/train.py (schedule, clipping, checkpoints, exact resume) with a batch
+source of whole examples. With LoRA (model/lora.py) the adapters are added before the loop, so its
+checkpoints hold them, and merged into plain weights after it.
 """
 
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,13 +36,36 @@ import torch
 
 from model.data import ExampleBatches, pad_examples
 from model.gpt import GPT
+from model.lora import LoRASettings, add_lora, merge_lora
 from model.train import TrainConfig, TrainResult, autocast, resolve_device, train
 from storage.errors import DataIntegrityError
 
-PROMPT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
+PROMPT_HEADER = "### Prompt:\n"
+RESPONSE_HEADER = "\n### Response:\n"
+PROMPT_TEMPLATE = PROMPT_HEADER + "{prompt}" + RESPONSE_HEADER
 IGNORE_INDEX = -100
 
 Example = tuple[list[int], list[int]]  # inputs and their shifted, masked labels
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """One pair's row (`inputs`, `labels`) and what truncation cut to fit it: tokens from the prompt's start,
+    tokens (the end-of-text included) from the response's end."""
+
+    inputs: list[int]
+    labels: list[int]
+    prompt_tokens_cut: int = 0
+    response_tokens_cut: int = 0
+
+    @property
+    def example(self) -> Example:
+        return self.inputs, self.labels
+
+    @property
+    def trained(self) -> bool:
+        """Whether any target is left: a response token or the closing end-of-text."""
+        return any(label != IGNORE_INDEX for label in self.labels)
 
 
 class TextTokenizer(Protocol):
@@ -64,30 +107,47 @@ def read_pairs(path: Path, allow_empty: bool = False) -> list[dict[str, str]]:
     return pairs
 
 
-def encode_pair(tokenizer: TextTokenizer, prompt: str, response: str, block_size: int) -> Example:
-    """(inputs, labels) of one pair: labels[i] is the token after inputs[i] where that token belongs to the
-    response (or is the closing end-of-text), and IGNORE_INDEX where it belongs to the prompt."""
+def encode_pair(tokenizer: TextTokenizer, prompt: str, response: str, block_size: int) -> EncodedPair:
+    """The row of one pair: labels[i] is the token after inputs[i] where that token belongs to the response
+    (or is the closing end-of-text), IGNORE_INDEX where it belongs to the prompt. A pair longer than the
+    row is cut as the module's docstring says."""
     prompt_ids = tokenizer.encode(PROMPT_TEMPLATE.format(prompt=prompt))
     response_ids = [*tokenizer.encode(response), tokenizer.eot_id]
-    sequence = (prompt_ids + response_ids)[: block_size + 1]  # one extra: the last input's target
+    room = block_size + 1  # one extra: the last input's target
+    prompt_cut = response_cut = 0
+    if len(prompt_ids) + len(response_ids) > room:
+        # Encoded in pieces, so that the cut falls between tokens of the prompt's own text.
+        header, body, footer = (tokenizer.encode(text) for text in (PROMPT_HEADER, prompt, RESPONSE_HEADER))
+        kept = min(len(body), max(0, room - len(header) - len(footer) - len(response_ids)))
+        prompt_ids = header + body[len(body) - kept :] + footer
+        prompt_cut = len(body) - kept
+        fits = max(0, room - len(prompt_ids))
+        response_cut = max(0, len(response_ids) - fits)
+        response_ids = response_ids[:fits]
+    sequence = (prompt_ids + response_ids)[:room]  # shorter than prompt_ids only if the template cannot fit
     inputs = sequence[:-1]
     # Target i is sequence[i + 1]; it is a response token when i + 1 reaches past the prompt.
     labels = [tok if i + 1 >= len(prompt_ids) else IGNORE_INDEX for i, tok in enumerate(sequence[1:])]
-    return inputs, labels
+    return EncodedPair(inputs, labels, prompt_cut, response_cut)
 
 
 def encode_pairs(
     tokenizer: TextTokenizer, pairs: Sequence[dict[str, str]], block_size: int
-) -> tuple[list[Example], int]:
-    """Encoded examples, and how many pairs were left out because their prompt fills the whole block."""
-    examples, dropped = [], 0
+) -> tuple[list[Example], dict[str, int]]:
+    """Encoded examples, and counts of pairs: `truncated_prompt` (prompt cut at its start),
+    `truncated_response` (response cut at its end; a pair may be counted in both), `dropped` (no target
+    left: block_size cannot hold the template's lines)."""
+    examples: list[Example] = []
+    counts = {"truncated_prompt": 0, "truncated_response": 0, "dropped": 0}
     for pair in pairs:
-        inputs, labels = encode_pair(tokenizer, pair["prompt"], pair["response"], block_size)
-        if all(label == IGNORE_INDEX for label in labels):
-            dropped += 1  # no response token within block_size: nothing to learn or score
-        else:
-            examples.append((inputs, labels))
-    return examples, dropped
+        encoded = encode_pair(tokenizer, pair["prompt"], pair["response"], block_size)
+        if not encoded.trained:
+            counts["dropped"] += 1  # nothing to learn or score
+            continue
+        examples.append(encoded.example)
+        counts["truncated_prompt"] += encoded.prompt_tokens_cut > 0
+        counts["truncated_response"] += encoded.response_tokens_cut > 0
+    return examples, counts
 
 
 def pair_key(pair: dict[str, str], seed: int) -> float:
@@ -164,6 +224,7 @@ def finetune(
     cfg: TrainConfig,
     checkpoint_dir: Path,
     *,
+    lora: LoRASettings | None = None,
     metrics_path: Path | None = None,
     log: Callable[[str], None] | None = None,
     on_record: Callable[[dict[str, Any]], None] | None = None,
@@ -171,11 +232,16 @@ def finetune(
 ) -> tuple[TrainResult, dict[str, int]]:
     """Fine-tune `model` in place; the loop's val_loss is the held-out response loss.
 
-    Returns the training result and counts: examples trained on / held out, pairs dropped by truncation.
+    With `lora`, only adapters train (A drawn from cfg.seed), and they are merged into the weights before
+    this returns: `model` is a plain GPT either way. A checkpoint in `checkpoint_dir` resumes only a run of
+    the same method and LoRA settings (and `identity`, the caller's description of the data).
+
+    Returns the training result and counts: examples trained on / held out, trainable parameters, and the
+    pairs (train and held-out together) truncated or dropped (encode_pairs).
     """
     block_size = model.config.block_size
-    train_examples, train_dropped = encode_pairs(tokenizer, train_pairs, block_size)
-    heldout_examples, heldout_dropped = encode_pairs(tokenizer, heldout_pairs, block_size)
+    train_examples, train_counts = encode_pairs(tokenizer, train_pairs, block_size)
+    heldout_examples, heldout_counts = encode_pairs(tokenizer, heldout_pairs, block_size)
     if not train_examples:
         raise DataIntegrityError(
             f"none of the {len(train_pairs)} training pairs has a response token within block_size {block_size}"
@@ -183,6 +249,7 @@ def finetune(
     source = ExampleBatches(
         train_examples, heldout_examples, cfg.batch_size, cfg.seed, _padding_id(tokenizer), IGNORE_INDEX
     )
+    trainable = add_lora(model, lora, cfg.seed) if lora else sum(p.numel() for p in model.parameters())
     result = train(
         model,
         source,
@@ -191,12 +258,15 @@ def finetune(
         metrics_path=metrics_path,
         log=log,
         on_record=on_record,
-        identity=identity,
+        identity={"data": identity, "lora": lora.to_dict() if lora else None},
         ignore_index=IGNORE_INDEX,
     )
+    if lora:
+        merge_lora(model)
     counts = {
         "train_examples": len(train_examples),
         "heldout_examples": len(heldout_examples),
-        "dropped_truncated": train_dropped + heldout_dropped,
+        "trainable_params": trainable,
+        **{name: train_counts[name] + heldout_counts[name] for name in train_counts},
     }
     return result, counts

@@ -7,19 +7,28 @@ import torch
 from model.checkpoint import load_model
 from model.finetune import PROMPT_TEMPLATE
 from model.gpt import GPT
-from model.tokenizer import Tokenizer
-from storage.errors import StoreError
+from model.tokenizer import FILENAME, Tokenizer
+from storage.errors import QualityError, StoreError
 from storage.store import Store
+from tasks.quantize import rejected_reason
 
 MODEL_STAGES = ("pretrain", "finetune", "quantize")
 
 
 def find_tokenizer(store: Store, stage: str, version: str) -> Path:
-    """The tokenizer a model was trained with, found through its lineage."""
-    tokenizer = store.lineage(stage, version).get("tokenizer")
+    """The tokenizer a model was trained with: the tokenizer.json its own version holds, else the one of the
+    nearest model version it was built from (a fine-tuned model publishes its own, which for a model
+    imported with finetune.init_from is the imported one), else its lineage's tokenizer stage's."""
+    lineage = store.lineage(stage, version)
+    nearest_first = [(stage, version)] + [(s, lineage[s]) for s in reversed(MODEL_STAGES) if s in lineage]
+    for model_stage, model_version in nearest_first:
+        path = store.path(model_stage, model_version) / FILENAME
+        if path.is_file():
+            return path
+    tokenizer = lineage.get("tokenizer")
     if tokenizer is None:
         raise StoreError(f"no tokenizer in the lineage of {stage}/{version}")
-    return store.path("tokenizer", tokenizer) / "tokenizer.json"
+    return store.path("tokenizer", tokenizer) / FILENAME
 
 
 def load_store_model(store: Store, which: str, device: str = "cpu") -> tuple[GPT, Tokenizer, str]:
@@ -30,6 +39,8 @@ def load_store_model(store: Store, which: str, device: str = "cpu") -> tuple[GPT
         stage, version = store.find(which)
         if stage not in MODEL_STAGES:
             raise StoreError(f"{stage}/{version} is not a model (pick a version of {', '.join(MODEL_STAGES)})")
+    if stage == "quantize" and (reason := rejected_reason(store.manifest(stage, version))) is not None:
+        raise QualityError(f"quantize/{version} was rejected by its quality gate and is not served: {reason}")
     folder = store.path(stage, version)
     if stage == "quantize":
         from model.quantize import load_quantized

@@ -1,5 +1,6 @@
 """Supervised fine-tuning: the response-only loss mask, the held-out split, bad data, and the stage."""
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -11,10 +12,13 @@ import torch
 from pydantic import ValidationError
 
 from flows.config import PipelineOverrides
+from model.checkpoint import load_model
 from model.data import ExampleBatches
 from model.finetune import (
     IGNORE_INDEX,
+    PROMPT_HEADER,
     PROMPT_TEMPLATE,
+    RESPONSE_HEADER,
     encode_pair,
     encode_pairs,
     read_pairs,
@@ -22,11 +26,12 @@ from model.finetune import (
     split_pairs,
 )
 from model.gpt import GPT, GPTConfig
-from model.tokenizer import EOT, Tokenizer, train_char
+from model.tokenizer import EOT, FILENAME, Tokenizer, train_bpe, train_char
 from model.train import TrainConfig, read_metrics
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
 from tasks.finetune import STAGE, FinetuneConfig, finetune_pairs
+from tasks.generate import find_tokenizer
 from tasks.pretrain import STAGE as PRETRAIN
 from tasks.pretrain import PretrainConfig
 from tasks.sample_data import default_corpus_documents
@@ -58,7 +63,7 @@ def write_jsonl(path: Path, pairs: list[dict[str, str]]) -> Path:
 
 def test_loss_mask_covers_exactly_the_response_tokens() -> None:
     tokenizer = char_tokenizer()
-    inputs, labels = encode_pair(tokenizer, "twice cat", "cat cat", block_size=64)
+    inputs, labels = encode_pair(tokenizer, "twice cat", "cat cat", block_size=64).example
     prompt_text = PROMPT_TEMPLATE.format(prompt="twice cat")
     assert len(inputs) == len(labels) == len(prompt_text) + len("cat cat") + 1 - 1
     assert tokenizer.decode(inputs) == prompt_text + "cat cat"
@@ -69,16 +74,36 @@ def test_loss_mask_covers_exactly_the_response_tokens() -> None:
     assert IGNORE_INDEX not in labels[len(prompt_text) - 1 :]
 
 
-def test_long_pairs_are_truncated_to_the_block_and_prompt_only_ones_dropped() -> None:
+def test_a_long_prompt_is_cut_at_its_start_and_its_whole_response_trained_on() -> None:
     tokenizer = char_tokenizer()
-    prompt_len = len(PROMPT_TEMPLATE.format(prompt="twice cat"))
-    inputs, labels = encode_pair(tokenizer, "twice cat", "cat cat", block_size=prompt_len + 2)
-    assert len(inputs) == prompt_len + 2
-    assert tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "cat"
-    examples, dropped = encode_pairs(
-        tokenizer, [{"prompt": "twice cat", "response": "cat cat"}, {"prompt": "x" * 100, "response": "y"}], 40
-    )
-    assert dropped == 1 and len(examples) == 1
+    prompt = "upper dog " * 10 + "twice cat"  # 109 characters: the context of 48 cannot hold it
+    encoded = encode_pair(tokenizer, prompt, "cat cat", block_size=48)
+    frame = len(PROMPT_HEADER) + len(RESPONSE_HEADER)
+    kept = 48 + 1 - frame - len("cat cat") - 1  # the prompt's text gets what the response and EOT leave
+    assert len(encoded.inputs) == 48 and encoded.prompt_tokens_cut == len(prompt) - kept > 0
+    # The header stays, the prompt's end (the question itself) stays, and every response token is a target.
+    assert tokenizer.decode(encoded.inputs) == PROMPT_HEADER + prompt[-kept:] + RESPONSE_HEADER + "cat cat"
+    assert tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX]) == "cat cat" + EOT
+    assert encoded.response_tokens_cut == 0
+
+    examples, counts = encode_pairs(tokenizer, [{"prompt": prompt, "response": "cat cat"}, *make_pairs()[:2]], 48)
+    assert len(examples) == 3  # kept, not left out
+    assert counts == {"truncated_prompt": 1, "truncated_response": 0, "dropped": 0}
+
+
+def test_a_response_longer_than_the_context_is_cut_at_its_end_and_counted() -> None:
+    tokenizer = char_tokenizer()
+    response = "cat dog " * 10  # 80 characters
+    encoded = encode_pair(tokenizer, "twice cat", response, block_size=48)
+    fits = 48 + 1 - len(PROMPT_HEADER) - len(RESPONSE_HEADER)
+    assert tokenizer.decode(encoded.inputs) == PROMPT_HEADER + RESPONSE_HEADER + response[: fits - 1]
+    assert tokenizer.decode([t for t in encoded.labels if t != IGNORE_INDEX]) == response[:fits]
+    assert encoded.prompt_tokens_cut == len("twice cat") and encoded.response_tokens_cut == len(response) + 1 - fits
+    _, counts = encode_pairs(tokenizer, [{"prompt": "twice cat", "response": response}], 48)
+    assert counts == {"truncated_prompt": 1, "truncated_response": 1, "dropped": 0}
+    # A context too short for the template's own lines leaves nothing to train on: left out, and counted.
+    examples, counts = encode_pairs(tokenizer, make_pairs()[:1], 20)
+    assert examples == [] and counts["dropped"] == 1
 
 
 def test_padding_is_never_a_target() -> None:
@@ -100,7 +125,7 @@ def test_response_loss_is_per_token_whatever_the_batch_size() -> None:
     assert one == pytest.approx(three, rel=1e-5)
     assert 3.0 < one < 5.0  # an untrained model: about ln(64)
     with pytest.raises(DataIntegrityError, match="none of the 1 pairs"):
-        response_loss(model, tokenizer, [{"prompt": "x" * 60, "response": "y"}], 48, 1, "cpu")
+        response_loss(model, tokenizer, [{"prompt": "x", "response": "y"}], 20, 1, "cpu")
 
 
 # -- the held-out split --------------------------------------------------------------------------------
@@ -248,8 +273,12 @@ def test_finetune_stage_publishes_its_files(pretrained: tuple[Path, str, str], t
     ref = STAGE.run(root, tiny_finetune_config(data), inputs)
     store = Store(root)
     folder = store.path("finetune", ref.version)
-    for name in ("model.pt", "model_config.json", "metrics.jsonl", "heldout.jsonl", "loss.png"):
+    for name in ("model.pt", "model_config.json", "tokenizer.json", "metrics.jsonl", "heldout.jsonl", "loss.png"):
         assert (folder / name).is_file(), name
+    # The tokenizer the model was trained with, which generate finds first.
+    tokenizer_file = store.path("tokenizer", tokenizer_version) / "tokenizer.json"
+    assert (folder / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    assert find_tokenizer(store, "finetune", ref.version) == folder / "tokenizer.json"
 
     heldout = [json.loads(line) for line in (folder / "heldout.jsonl").read_text().splitlines()]
     expected_train, expected_heldout = split_pairs(make_pairs(), 0.2, FinetuneConfig().seed)
@@ -258,6 +287,9 @@ def test_finetune_stage_publishes_its_files(pretrained: tuple[Path, str, str], t
     metrics = store.manifest("finetune", ref.version)["metrics"]
     assert metrics["pairs_train"] == len(expected_train) and metrics["pairs_heldout"] == len(heldout)
     assert metrics["heldout_loss_after"] < metrics["heldout_loss_before"]
+    assert metrics["method"] == "full" and metrics["heldout_loss_after_full"] == metrics["heldout_loss_after"]
+    assert metrics["heldout_loss_after_lora"] is None  # compare is off: only one method trained
+    assert metrics["pairs_truncated_prompt"] == metrics["pairs_truncated_response"] == 0
     records = read_metrics(folder / "metrics.jsonl")
     assert [r["step"] for r in records if "val_loss" in r] == [20, 40]
     assert records[-1]["val_loss"] == pytest.approx(metrics["heldout_loss_after"], rel=1e-5)
@@ -269,6 +301,137 @@ def test_finetune_stage_publishes_its_files(pretrained: tuple[Path, str, str], t
     assert (
         STAGE.version(tiny_finetune_config(moved), inputs, STAGE.identity(tiny_finetune_config(moved))) != ref.version
     )
+
+
+def test_lora_with_compare_publishes_a_plain_model_and_both_heldout_losses(
+    pretrained: tuple[Path, str, str], tmp_path: Path
+) -> None:
+    root, pretrain_version, tokenizer_version = pretrained
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs())
+    inputs = {"pretrain": pretrain_version, "tokenizer": tokenizer_version}
+    cfg = tiny_finetune_config(data, method="lora", compare=True, lora_rank=4, lora_learning_rate=1e-2)
+    ref = STAGE.run(root, cfg, inputs)
+    store = Store(root)
+    folder = store.path("finetune", ref.version)
+    metrics = store.manifest("finetune", ref.version)["metrics"]
+    before = metrics["heldout_loss_before"]
+    # Each method lowers the held-out loss by a clear margin; the published one is LoRA's.
+    assert metrics["heldout_loss_after_full"] < before - 0.1 and metrics["heldout_loss_after_lora"] < before - 0.1
+    assert metrics["heldout_loss_after"] == metrics["heldout_loss_after_lora"] and metrics["method"] == "lora"
+    assert metrics["trainable_params"] == 2 * 4 * (4 * 32 + 32 * 4)  # 2 blocks, q k v and attn_proj, rank 4
+
+    # model.pt is a plain GPT: every later stage loads it as it loads any other.
+    model = load_model(folder)
+    pretrained_model = load_model(store.path("pretrain", pretrain_version))
+    assert list(model.state_dict()) == list(pretrained_model.state_dict())
+    assert not [name for name in model.state_dict() if "lora" in name]
+    # The adapters' matrices changed; what LoRA leaves frozen did not.
+    changed = {n for n, t in model.state_dict().items() if not torch.equal(t, pretrained_model.state_dict()[n])}
+    assert changed == {f"transformer.h.{i}.attn.{m}.weight" for i in range(2) for m in ("c_attn", "c_proj")}
+    # The published metrics are LoRA's run, at LoRA's own learning rate.
+    records = read_metrics(folder / "metrics.jsonl")
+    assert max(r["lr"] for r in records) == pytest.approx(1e-2, rel=0.05)
+    assert records[-1]["val_loss"] == pytest.approx(metrics["heldout_loss_after_lora"], rel=1e-4)
+
+
+def test_lora_settings_are_part_of_the_version_only_when_lora_trains(tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs())
+    inputs = {"pretrain": "p", "tokenizer": "t"}
+
+    def version(**changes) -> str:
+        cfg = tiny_finetune_config(data, **changes)
+        return STAGE.version(cfg, inputs, STAGE.identity(cfg))
+
+    full = version()
+    assert version(lora_rank=4, lora_targets=["q"]) == full  # unused by full fine-tuning
+    assert version(compare=True) != full
+    assert version(method="lora") != version(method="lora", lora_rank=4) != full
+    with pytest.raises(ValidationError, match=r"lora_targets \['q', 'q'\] names a matrix twice"):
+        tiny_finetune_config(data, lora_targets=["q", "q"])
+    with pytest.raises(ValidationError, match="optimizer muon with LoRA"):
+        tiny_finetune_config(data, method="lora", optimizer="muon")
+    with pytest.raises(ValidationError, match="lora_targets"):
+        tiny_finetune_config(data, lora_targets=["wq"])
+
+
+# -- starting from an imported model ---------------------------------------------------------------
+
+
+def bpe_tokenizer() -> Tokenizer:
+    texts = [PROMPT_TEMPLATE.format(prompt=p["prompt"]) + p["response"] for p in make_pairs()]
+    return train_bpe(texts * 4, vocab_size=300)
+
+
+def save_hf_gpt2(folder: Path, tokenizer: Tokenizer, seed: int = 1) -> None:
+    """A GPT-2 made and saved by transformers itself, with our BPE tokenizer beside it."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=320, n_positions=64, n_embd=32, n_layer=2, n_head=2, activation_function="gelu",
+        bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id,
+    )  # fmt: skip
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save(folder / FILENAME)
+
+
+@pytest.mark.slow
+def test_finetune_starts_from_a_hugging_face_gpt2_folder_with_its_tokenizer(
+    pretrained: tuple[Path, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root, pretrain_version, tokenizer_version = pretrained
+    tokenizer = bpe_tokenizer()  # not the store's char tokenizer
+    folder = tmp_path / "gpt2"
+    save_hf_gpt2(folder, tokenizer)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs())
+    inputs = {"pretrain": pretrain_version, "tokenizer": tokenizer_version}
+    cfg = tiny_finetune_config(data, init_from=str(folder), max_steps=20, eval_interval=10, warmup_steps=2)
+    ref = STAGE.run(root, cfg, inputs)
+    store = Store(root)
+    out = store.path("finetune", ref.version)
+    metrics = store.manifest("finetune", ref.version)["metrics"]
+    assert metrics["init"] == "hf"
+    assert metrics["init_sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert metrics["heldout_loss_after"] < metrics["heldout_loss_before"]
+    # The imported model's shape, not the pretrain stage's, and its tokenizer, published for generate.
+    model = load_model(out)
+    assert (model.config.vocab_size, model.config.block_size) == (320, 64)
+    assert Tokenizer.load(out / FILENAME).to_json() == tokenizer.to_json()
+    assert find_tokenizer(store, "finetune", ref.version) == out / FILENAME
+    # The version follows the weights' content: another file at the same path is another version.
+    assert STAGE.version(cfg, inputs, STAGE.identity(cfg)) == ref.version
+    save_hf_gpt2(folder, tokenizer, seed=2)
+    assert STAGE.version(cfg, inputs, STAGE.identity(cfg)) != ref.version
+
+
+def test_finetune_starts_from_a_nanogpt_checkpoint(pretrained: tuple[Path, str, str], tmp_path: Path) -> None:
+    root, pretrain_version, tokenizer_version = pretrained
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(3)
+    start = GPT(GPTConfig(vocab_size=320, block_size=56, n_layer=2, n_head=2, n_embd=32, bias=False))
+    out_dir = tmp_path / "out-nanogpt"
+    out_dir.mkdir()
+    args = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 56, "bias": False, "vocab_size": 320, "dropout": 0.0}
+    # What nanoGPT's train.py saves: a compiled model's keys, model_args, and the run's other state.
+    state = {f"_orig_mod.{k}": v for k, v in start.state_dict().items()}
+    torch.save({"model": state, "model_args": args, "iter_num": 100, "config": {"dataset": "x"}}, out_dir / "ckpt.pt")
+    tokenizer.save(out_dir / FILENAME)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_pairs())
+    inputs = {"pretrain": pretrain_version, "tokenizer": tokenizer_version}
+    cfg = tiny_finetune_config(data, init_from=str(out_dir / "ckpt.pt"), max_steps=10, eval_interval=10, warmup_steps=2)
+    ref = STAGE.run(root, cfg, inputs)
+    store = Store(root)
+    metrics = store.manifest("finetune", ref.version)["metrics"]
+    assert metrics["init"] == "nanogpt"
+    assert metrics["init_sha256"] == hashlib.sha256((out_dir / "ckpt.pt").read_bytes()).hexdigest()
+    assert load_model(store.path("finetune", ref.version)).config.block_size == 56
+    assert find_tokenizer(store, "finetune", ref.version) == store.path("finetune", ref.version) / FILENAME
+    # A model built from it (quantize) reads the imported tokenizer too, not the store's in its lineage.
+    store.publish("quantize", "q1", lambda out: {}, params={}, inputs={"finetune": ref.version}, code_version="q")
+    assert find_tokenizer(store, "quantize", "q1") == store.path("finetune", ref.version) / FILENAME
+    with pytest.raises(ConfigError, match=r"finetune.init_from .*missing.pt does not exist"):
+        STAGE.run(root, tiny_finetune_config(data, init_from=str(tmp_path / "missing.pt")), inputs)
 
 
 def test_tokenizer_other_than_the_pretrained_one_is_refused(pretrained: tuple[Path, str, str], tmp_path: Path) -> None:
