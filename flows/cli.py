@@ -6,6 +6,10 @@
     gptflow storage ls [STAGE] | show VERSION | gc [--keep-runs N] [--dry-run]
     gptflow generate [--model STAGE|VERSION] [--prompt TEXT] ...
     gptflow serve            (the deployments, served from this process for the Prefect UI)
+    gptflow server start | stop   (a local Prefect server and worker that run the deployments)
+    gptflow export VERSION DIR   (a model version as a Hugging Face GPT-2 folder)
+    gptflow models           (the model registry: the champion and every promotion decision)
+    gptflow status [--preset NAME] [--config FILE]   (whether a run would reuse each stage, and why not)
 
 Exit codes: 0 success, 1 a stage failed, 2 bad input or usage. Errors are one line on stderr.
 """
@@ -90,15 +94,62 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.8)
     gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the tokens holding this mass")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--num-samples", type=int, default=1)
     gen.add_argument(
         "--instruction", action="store_true", help="wrap the prompt in the fine-tuning template; print the answer"
     )
 
-    serve = sub.add_parser("serve", help="serve the pipeline and nightly deployments to a Prefect server")
+    export = sub.add_parser("export", help="write a model version as a Hugging Face GPT-2 folder (transformers)")
+    export.add_argument("--storage", default=default_storage())
+    export.add_argument(
+        "version",
+        help="a version id (a unique prefix is enough) of pretrain, finetune or quantize, or a stage name "
+        "for its latest version; a quantized model is exported dequantized, as float32",
+    )
+    export.add_argument("dir", type=Path, help="the folder to create (it must not exist, or be empty)")
+
+    models = sub.add_parser("models", help="the model registry: the champion and every promotion decision")
+    models.add_argument("--storage", default=default_storage())
+
+    status = sub.add_parser("status", help="whether a run would reuse each stage's stored version, and why not")
+    status.add_argument("--storage", default=default_storage())
+    status.add_argument("--preset", default="tiny", help="the settings a run would start from, as for run")
+    status.add_argument("--config", type=Path, help="YAML or JSON file of settings laid over the preset")
+    status.add_argument("--source", action="append", default=[], help="archive URL or path, as for run")
+
+    serve = sub.add_parser(
+        "serve", help="serve the pipeline and nightly deployments from this process (stopping it pauses them)"
+    )
     serve.add_argument("--storage", default=default_storage())
-    serve.add_argument("--cron", default="0 2 * * *", help="nightly retraining schedule (cron, UTC)")
+
+    server = sub.add_parser("server", help="a local Prefect server with a worker that runs the deployments")
+    server_sub = server.add_subparsers(dest="action", required=True)
+    server_start = server_sub.add_parser(
+        "start", help="start a Prefect server (SQLite, 127.0.0.1) and a process worker; register the deployments"
+    )
+    server_start.add_argument(
+        "--storage",
+        default=default_storage(),
+        help="the store the deployments run on; the server's state, logs and SQLite database go to its .server/",
+    )
+    server_start.add_argument("--port", type=int, help="port of the API and the UI (default: 4200)")
+    server_start.add_argument(
+        "--auth",
+        metavar="USER:PASS",
+        help="basic auth the server enforces (default: $PREFECT_SERVER_API_AUTH_STRING, which keeps it out of ps)",
+    )
+    server_stop = server_sub.add_parser("stop", help="stop the processes `server start` recorded for this store")
+    server_stop.add_argument("--storage", default=default_storage())
+    for registers_nightly in (serve, server_start):
+        registers_nightly.add_argument("--cron", help="nightly retraining schedule (default: 0 2 * * *)")
+        registers_nightly.add_argument("--timezone", help="IANA time zone of the schedule (default: UTC)")
+        registers_nightly.add_argument(
+            "--max-start-delay-hours",
+            type=float,
+            help="a scheduled nightly run that starts more than this many hours late skips its work (default: 6)",
+        )
     return parser
 
 
@@ -150,7 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if isinstance(exc, ValidationError):
             raise
         raise UsageError(_one_line(exc)) from exc
-    record = pipeline(
+    state = pipeline(
         storage=args.storage,
         preset=args.preset,
         sources=args.source,
@@ -158,30 +209,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         selection=selection,
         verify=args.verify,
         dask=args.dask,
+        return_state=True,
     )
+    if not state.is_completed():
+        from flows.runs import retry_command
+
+        run_id = state.state_details.flow_run_id
+        failed = Store(args.storage).read_run(str(run_id))
+        if failed is not None:
+            print_run(failed)
+        print(f"\nto retry this run (its completed stages are cached): {retry_command(run_id)}")
+    record = state.result()  # a failed run raises its stage's error here: main() reports it in one line
     print_run(record)
     return 0
 
 
 def print_run(record: dict[str, Any]) -> None:
+    from flows.runs import quarantine_note, stage_rows, val_losses
+
     print(f"\nrun {record['run_id']}  ({record['status']})")
     print(f"{'stage':<10} {'version':<13} status")
-    for stage, info in record["stages"].items():
-        print(f"{stage:<10} {info['version'] or '-':<13} {info['status']}")
+    for stage, version, status in stage_rows(record):
+        print(f"{stage:<10} {version or '-':<13} {status}")
     summary = record.get("summary") or {}
-    extract = summary.get("data", {}).get("extract", {})
-    if extract.get("quarantined_archives"):
-        print(
-            f"\nextract: {extract['quarantined_archives']} of {extract.get('inner_archives', '?')} inner archives "
-            f"quarantined as corrupt ({extract.get('corrupt_fraction', 0):.2%}); see the extract manifest"
-        )
+    if quarantined := quarantine_note(summary):
+        print(f"\n{quarantined}")
     if "champion" in summary:
         print(f"\nchampion: {summary['champion']}")
-    for name in ("pretrain", "finetune", "quantized"):
-        if f"{name}_val_loss" in summary:
-            print(f"{name:<10} val loss {summary[f'{name}_val_loss']:.4f}")
-    if "unigram_val_loss" in summary:
-        print(f"{'unigram':<10} val loss {summary['unigram_val_loss']:.4f}  (baseline: token frequencies only)")
+    for name, loss, note in val_losses(summary):
+        print(f"{name:<10} val loss {loss:.4f}" + (f"  ({note})" if note else ""))
 
 
 def cmd_sample_data(args: argparse.Namespace) -> int:
@@ -238,6 +294,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
+        top_p=args.top_p,
         seed=args.seed,
         num_samples=args.num_samples,
         instruction=args.instruction,
@@ -247,10 +304,94 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from model.hf import export_hf
+    from storage.store import Store
+    from tasks.generate import find_tokenizer, load_store_model
+
+    store = Store(args.storage)
+    model, _, ref = load_store_model(store, args.version)
+    stage, version = ref.split("/")
+    export_hf(model, find_tokenizer(store, stage, version), args.dir)
+    dequantized = " (quantized weights dequantized to float32)" if stage == "quantize" else ""
+    print(f"exported {ref} to {args.dir}{dequantized}")
+    return 0
+
+
+def nightly_schedule(args: argparse.Namespace) -> Any:
+    """The nightly deployment's schedule from `serve` or `server start` options; unset ones keep defaults."""
+    from flows.deploy import NightlySchedule
+
+    given = {"cron": args.cron, "timezone": args.timezone, "max_start_delay_hours": args.max_start_delay_hours}
+    return NightlySchedule(**{name: value for name, value in given.items() if value is not None})
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from storage.registry import CHAMPION, Registry
+
+    registry = Registry(args.storage)
+    champion, history = registry.alias(CHAMPION), registry.history()
+    if champion is None and not history:
+        print(f"no model judged yet in {registry.root}: run the pipeline through evaluate")
+        return 0
+    if champion is not None:
+        print(f"champion  {champion['model']}  (decision {champion['seq']}, {champion['at'][:19]})")
+        frozen = registry.frozen_info(champion["frozen_set"]) or {}
+        print(
+            f"frozen evaluation set {champion['frozen_set']}: {frozen.get('documents', '?')} documents, "
+            f"{frozen.get('text_bytes', '?')} bytes, {frozen.get('heldout_pairs', '?')} held-out pairs "
+            f"(from tokens/{frozen.get('source', {}).get('tokens', '?')})"
+        )
+    print(f"\n{'#':>3}  {'at':<19}  {'decision':<8}  {'challenger':<24}  {'against':<24}  {'metric':<32}  reason")
+    for line in history:
+        metric = line.get("settings", {}).get("metric", "bits_per_byte")
+        scores = [(line["metrics"].get(role) or {}).get(metric) for role in ("challenger", "champion")]
+        shown = f"{metric} " + " vs ".join("-" if v is None else f"{v:.4f}" for v in scores)
+        print(
+            f"{line['seq']:>3}  {line['at'][:19]:<19}  {line['decision']:<8}  {line['challenger']:<24}  "
+            f"{line['champion'] or '-':<24}  {shown:<32}  {line['reason']}"
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from flows.config import preset_config, read_settings_file
+    from flows.status import pipeline_status, status_table
+    from storage.store import Store
+
+    cfg = preset_config(args.preset, read_settings_file(args.config) if args.config else None)
+    if args.source:
+        cfg = cfg.with_sources(args.source)
+    for line in status_table(pipeline_status(Store(args.storage), cfg)):
+        print(line)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from flows.deploy import serve
 
-    serve(args.storage, args.cron)
+    serve(args.storage, nightly_schedule(args))
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from flows import server
+
+    if args.action == "stop":
+        for line in server.stop(args.storage):
+            print(line)
+        return 0
+    given = {"port": args.port, "auth": args.auth}
+    settings = server.ServerSettings(**{name: value for name, value in given.items() if value is not None})
+    state = server.start(args.storage, settings, nightly_schedule(args), report=print)
+    processes = ", ".join(f"{p['name']} pid {p['pid']}" for p in state["processes"])
+    print(f"\nPrefect UI  {state['ui_url']}")
+    print(f"API         {state['api_url']}  (export PREFECT_API_URL={state['api_url']} for the prefect CLI)")
+    if state["auth"]:
+        print("auth        on: API clients need PREFECT_API_AUTH_STRING=user:pass")
+    print(f"database    {state['database']}")
+    print(f"processes   {processes}; logs in {server.state_dir(args.storage)}")
+    print(f"stop        gptflow server stop --storage {server.state_dir(args.storage).parent}")
     return 0
 
 
@@ -260,6 +401,10 @@ COMMANDS = {
     "storage": cmd_storage,
     "generate": cmd_generate,
     "serve": cmd_serve,
+    "server": cmd_server,
+    "export": cmd_export,
+    "models": cmd_models,
+    "status": cmd_status,
 }
 
 

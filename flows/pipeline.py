@@ -11,11 +11,13 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.config import PipelineOverrides, Preset, overrides_dict, preset_config
+from flows.deploy import skip_stale_schedule
 from flows.plan import StageSelection, plan_stages, selection_label
 from flows.preflight import check_run
 from flows.runs import RunRecorder, summary_artifact
 from storage.store import StageRef, Store
 from tasks import clean, dedup, download, evaluate, extract, finetune, pretrain, quantize, tokenizer, tokens
+from tasks.checks import CHECKED_STAGES, check_task
 from tasks.sample_data import default_source_dir, ensure_sample_archive
 from tasks.shardmap import dask_cluster
 from tasks.stage import result_storage
@@ -62,6 +64,8 @@ def pipeline(
         dask: The address of a Dask scheduler (tcp://host:8786) to run the data stages' per-shard task runs.
     """
     log = get_run_logger()
+    if (skipped := skip_stale_schedule()) is not None:  # a nightly run that starts too late does no work
+        return skipped
     store = Store(storage)
     selection = selection or StageSelection()
     overrides = overrides_dict(config)
@@ -88,6 +92,8 @@ def pipeline(
         for name in plan.from_store:
             with recorder.attempt(name):
                 refs[name] = StageRef(name, store.require_latest(name), reused=True)
+                if name in CHECKED_STAGES:  # a stored corpus is checked too before a stage reads it
+                    check_task(str(store.root), name, refs[name].version, cfg.checks, cfg.pretrain.block_size)
             recorder.stage(refs[name], "latest")
         with dask_cluster(dask):  # where the data stages' shards run: here, or on the cluster
             for name in plan.run:
@@ -102,6 +108,8 @@ def pipeline(
                         return_state=True,
                     )
                     refs[name] = state.result()  # raises the stage's own error if it failed
+                    if name in CHECKED_STAGES:  # its data checks: a bad corpus stops the run before pretraining
+                        check_task(str(store.root), name, refs[name].version, cfg.checks, cfg.pretrain.block_size)
                 status = "cached" if state.name == "Cached" else ("reused" if refs[name].reused else "ran")
                 recorder.stage(refs[name], status)
                 log.info("%-9s %s  %s", name, refs[name].version, status)
