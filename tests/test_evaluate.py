@@ -12,9 +12,18 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
+from model.baselines import bigram_baseline
 from model.checkpoint import save_model
+from model.completion import (
+    CompletionSuiteConfig,
+    build_completion_suite,
+    documents_from_tokens,
+    evaluate_suite,
+    next_token_accuracy,
+)
 from model.evaluate import bits_per_byte, eval_loss, eval_windows, target_bytes, token_byte_lengths, unigram_loss
 from model.gpt import GPT, GPTConfig
+from model.quantize import save_quantized
 from model.tokenizer import EOT, BPETokenizer, Tokenizer, train_bpe, train_char
 from storage.errors import DataIntegrityError
 from storage.registry import CHAMPION, PROMOTED, Registry
@@ -22,7 +31,14 @@ from storage.store import Store
 from storage.tokens import open_tokens, read_meta
 from tasks import tokenizer as tokenizer_stage
 from tasks import tokens as tokens_stage
-from tasks.evaluate import REPORT_JSON, REPORT_MD, EvaluateConfig, choose_champion, registry_snapshot
+from tasks.evaluate import (
+    REPORT_JSON,
+    REPORT_MD,
+    EvaluateConfig,
+    choose_champion,
+    quantize_summary,
+    registry_snapshot,
+)
 from tasks.evaluate import STAGE as EVALUATE
 from tasks.quantize import STAGE as QUANTIZE
 from tasks.quantize import QuantizeConfig
@@ -172,23 +188,26 @@ def publish_inputs(
     heldout: list | None = None,
     tokenizer: Tokenizer | None = None,
     val: list[int] | None = None,
+    tag: str = "",
 ) -> dict[str, str]:
-    """A store with every input of evaluate; by default a char tokenizer of TEXT, and TEXT as the tokens."""
+    """A store with every input of evaluate; by default a char tokenizer of TEXT, and TEXT as the tokens.
+    The versions are named tk, tok, pre and fin, each followed by `tag`: one store holds several runs."""
     store = Store(root)
     tokenizer = tokenizer or train_char([TEXT])
-    store.publish("tokenizer", "tk", lambda out: tokenizer.save(out / "tokenizer.json"), **_fake("t"))
+    tk, tok, pre, fin = (f"{name}{tag}" for name in ("tk", "tok", "pre", "fin"))
+    store.publish("tokenizer", tk, lambda out: tokenizer.save(out / "tokenizer.json"), **_fake("t"))
 
     train = tokenizer.encode(TEXT * 30)
     val = tokenizer.encode(TEXT * 6) if val is None else val
-    meta = {"tokenizer_version": "tk", "train_docs": 30, "val_docs": 6}
+    meta = {"tokenizer_version": tk, "train_docs": 30, "val_docs": 6}
     builders.publish_tokens(
         root,
         train,
         val,
         vocab_size=tokenizer.vocab_size,
         eot_token=tokenizer.eot_id,
-        version="tok",
-        inputs={"tokenizer": "tk"},
+        version=tok,
+        inputs={"tokenizer": tk},
         tokenizer=tokenizer,
         **{**meta, **(meta_changes or {})},
     )
@@ -204,10 +223,10 @@ def publish_inputs(
 
         return build
 
-    store.publish("pretrain", "pre", model_build(pretrained, False), **_fake("t", tokens="tok"))
-    store.publish("finetune", "fin", model_build(finetuned, True), **_fake("t", pretrain="pre"))
-    quantized = QUANTIZE.run(root, QuantizeConfig(latency_runs=1), {"finetune": "fin", "tokens": "tok"})
-    return {"tokens": "tok", "tokenizer": "tk", "pretrain": "pre", "finetune": "fin", "quantize": quantized.version}
+    store.publish("pretrain", pre, model_build(pretrained, False), **_fake("t", tokens=tok))
+    store.publish("finetune", fin, model_build(finetuned, True), **_fake("t", pretrain=pre))
+    quantized = QUANTIZE.run(root, QuantizeConfig(latency_runs=1), {"finetune": fin, "tokens": tok})
+    return {"tokens": tok, "tokenizer": tk, "pretrain": pre, "finetune": fin, "quantize": quantized.version}
 
 
 def _fake(code: str, **inputs: str) -> dict:
@@ -264,6 +283,203 @@ def test_evaluate_stage_reports_every_model_and_the_champion(tmp_path: Path, tra
     # Same inputs and settings, rebuilt: the same numbers and the same samples.
     again = EVALUATE.run(tmp_path / "store", small_cfg(), inputs, force=True)
     assert json.loads((folder.parent / again.version / REPORT_JSON).read_text()) == report
+
+
+# The report's plots are embedded in the Prefect UI's artifact, which keeps them in its database.
+MAX_PLOT_BYTES = 100_000
+# Items of two words' endings: TEXT's sentences are six words long ("the cat sat on the mat."), and its two
+# endings " the mat." and " the cat." are each the other's distractor.
+SUITE = CompletionSuiteConfig(n_choices=2, ending_words=2, min_prefix_words=2)
+
+
+def documents(tokenizer: Tokenizer, n: int = 6) -> list[int]:
+    """`n` documents of TEXT as the tokens stage writes them: each followed by end-of-text."""
+    return [*tokenizer.encode(TEXT), tokenizer.eot_id] * n
+
+
+def test_the_report_shows_the_bigram_baseline_accuracy_and_the_completion_suite(
+    tmp_path: Path, trained: tuple[GPT, GPT]
+) -> None:
+    tokenizer = train_char([TEXT])
+    inputs = publish_inputs(tmp_path / "store", *trained, val=documents(tokenizer))
+    ref = EVALUATE.run(tmp_path / "store", small_cfg(completion=SUITE), inputs)
+    store = Store(tmp_path / "store")
+    folder = store.path("evaluate", ref.version)
+    report = json.loads((folder / REPORT_JSON).read_text())
+    pretrain, finetune = report["models"]["pretrain"], report["models"]["finetune"]
+
+    # The bigram is counted on the training split alone and scores the models' very targets and bytes.
+    tokens = store.path("tokens", inputs["tokens"])
+    train, val = open_tokens(tokens, "train"), open_tokens(tokens, "val")
+    bigram = bigram_baseline(train, val, tokenizer.vocab_size, None, token_byte_lengths(tokenizer))
+    assert report["bigram_val_loss"] == pytest.approx(bigram.loss)
+    assert report["bigram_bits_per_byte"] == pytest.approx(bigram.bits_per_byte)
+    assert report["bigram_perplexity"] == pytest.approx(math.exp(bigram.loss))
+    assert report["bigram_val_loss"] < report["unigram_val_loss"] - 1.0  # the token before says much of this text
+    for name, entry in report["models"].items():
+        assert entry["gain_over_bigram"] == pytest.approx(report["bigram_val_loss"] - entry["val_loss"]), name
+    # The trained model learned from more context than one token; the untrained one not even the bigram's.
+    assert pretrain["gain_over_bigram"] > 0.5 and finetune["gain_over_bigram"] < 0
+
+    # Top-1 accuracy on the windows the loss is computed on.
+    assert pretrain["next_token_accuracy"] == pytest.approx(next_token_accuracy(trained[0], val, 64, 16, None))
+    assert 0.0 <= finetune["next_token_accuracy"] < 0.5 < pretrain["next_token_accuracy"] <= 1.0
+
+    # The completion suite: two sentences per document, two candidate endings each.
+    suite = report["completion"]
+    assert (suite["items"], suite["documents"], suite["n_choices"], suite["chance"]) == (12, 6, 2, 0.5)
+    assert suite["skipped"] is None
+    for entry in report["models"].values():
+        assert 0.0 <= entry["completion_accuracy"] <= 1.0 and 0.0 <= entry["completion_accuracy_norm"] <= 1.0
+    # Cut from the validation documents: the suite those documents give scores the model as reported.
+    expected = evaluate_suite(
+        trained[0], tokenizer, build_completion_suite(documents_from_tokens(val, tokenizer), SUITE), 64, 16
+    )
+    assert (pretrain["completion_accuracy"], pretrain["completion_accuracy_norm"]) == pytest.approx(
+        (expected.accuracy, expected.accuracy_norm)
+    )
+
+    markdown = (folder / REPORT_MD).read_text()
+    assert f"| bigram baseline | - | {report['bigram_val_loss']:.4f} |" in markdown
+    assert f"| {pretrain['next_token_accuracy'] * 100:.1f}% | {pretrain['gain_over_bigram']:+.4f} |" in markdown
+    assert "12 items cut from 6 validation documents" in markdown and "Chance is 50.0%" in markdown
+    assert f"| pretrain **(challenger)** | {100 * expected.accuracy:.1f}% |" in markdown
+    assert "| chance | 50.0% | 50.0% |" in markdown
+
+    # The quantize stage's figures, and small plots that report.md shows.
+    measured = json.loads((store.path("quantize", inputs["quantize"]) / "quantize_report.json").read_text())
+    for key in ("quantized_file_bytes", "decode_tokens_per_s_quantized", "val_loss_delta"):
+        assert report["quantization"][key] == measured[key], key
+    assert f"| greedy decoding (tokens/s) | {measured['decode_tokens_per_s_fp32']:.0f} |" in markdown
+    for plot in ("val_loss.png", "quantize.png", "curves.png"):
+        data = (folder / plot).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) < MAX_PLOT_BYTES, plot
+        assert f"]({plot})" in markdown
+
+    metrics = store.manifest("evaluate", ref.version)["metrics"]
+    assert metrics["bigram_val_loss"] == report["bigram_val_loss"] and metrics["completion_items"] == 12
+    assert metrics["pretrain_completion_accuracy"] == pretrain["completion_accuracy"]
+
+
+def test_a_quantized_model_its_stage_rejected_is_scored_but_never_the_challenger(
+    tmp_path: Path, trained: tuple[GPT, GPT]
+) -> None:
+    root = tmp_path / "store"
+    inputs = publish_inputs(root, trained[1], trained[1])  # pretrain and finetune: untrained
+    reason = "int8 weights raise the validation loss by +0.3 nats/token, more than max_loss_increase 0.05"
+
+    def build(out: Path) -> None:
+        save_quantized(out, trained[0], bits=8)  # the trained model: by far the lowest loss of the three
+        report = {
+            "bits": 8,
+            "val_loss_fp32": 1.0,
+            "val_loss_quantized": 1.3,
+            "rejected": True,
+            "rejected_reason": reason,
+        }
+        (out / "quantize_report.json").write_text(json.dumps(report))
+
+    Store(root).publish("quantize", "q-rejected", build, **_fake("t", finetune=inputs["finetune"], tokens="tok"))
+    ref = EVALUATE.run(root, small_cfg(), {**inputs, "quantize": "q-rejected"})
+    folder = Store(root).path("evaluate", ref.version)
+    report = json.loads((folder / REPORT_JSON).read_text())
+
+    quantized = report["models"]["quantized"]
+    assert quantized["rejected"] is True and quantized["rejected_reason"] == reason
+    assert quantized["val_loss"] < report["models"]["pretrain"]["val_loss"] - 1.0  # the best, were it a candidate
+    assert report["champion"] == "pretrain" and report["promotion"]["challenger"] == "pretrain/pre"
+    assert (
+        f"quantized ({quantized['val_loss']:.4f}) is not a candidate: rejected by its stage ({reason})"
+        in (report["champion_reason"])
+    )
+    assert report["quantization"]["rejected"] is True
+    row = next(r for r in report["comparison"]["models"] if r["model"] == "quantize/q-rejected")
+    assert row["rejected"] is True and row["roles"] == ["this run"]
+    markdown = (folder / REPORT_MD).read_text()
+    assert "| quantized **(rejected)** | q-rejected |" in markdown
+    assert f"quantized was rejected by its stage ({reason}): it is scored here, never the challenger." in markdown
+    assert f"**Rejected by the quantize stage**: {reason}." in markdown
+
+
+def test_the_quantize_verdict_is_read_from_its_report_or_else_its_manifest(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.publish("quantize", "from-manifest", lambda out: {"rejected": True, "rejected_reason": "why"}, **_fake("t"))
+    summary = quantize_summary(store.path("quantize", "from-manifest"))
+    assert (summary["rejected"], summary["rejected_reason"]) == (True, "why")
+
+    def build(out: Path) -> None:
+        (out / "quantize_report.json").write_text(json.dumps({"bits": 8, "rejected": "yes"}))
+
+    store.publish("quantize", "odd", build, **_fake("t"))
+    with pytest.raises(DataIntegrityError, match=r"odd/quantize_report.json: 'rejected' is 'yes', not true or false"):
+        quantize_summary(store.path("quantize", "odd"))
+
+
+@pytest.mark.slow  # two runs quantized, three evaluations
+def test_the_comparison_names_the_previous_run_and_the_champion_by_version(
+    tmp_path: Path, trained: tuple[GPT, GPT]
+) -> None:
+    """A run of another tokenizer after a first one: the first run's models are the previous run's, its
+    pretrained model the champion; all of them scored again on the frozen set, and compared per byte."""
+    root = tmp_path / "store"
+    first = EVALUATE.run(root, small_cfg(), publish_inputs(root, *trained))
+    first_report = json.loads((Store(root).path("evaluate", first.version) / REPORT_JSON).read_text())
+    bpe = train_bpe([TEXT * 30], vocab_size=300)
+    inputs = publish_inputs(root, untrained(bpe.vocab_size, 0), untrained(bpe.vocab_size, 1), tokenizer=bpe, tag="-b")
+    ref = EVALUATE.run(root, small_cfg(), inputs)
+    folder = Store(root).path("evaluate", ref.version)
+    report = json.loads((folder / REPORT_JSON).read_text())
+
+    comparison = report["comparison"]
+    first_models = {name: entry["version"] for name, entry in first_report["models"].items()}
+    assert comparison["previous_evaluation"]["version"] == first.version
+    assert comparison["previous_evaluation"]["models"] == {
+        "pretrain": "pretrain/pre",
+        "finetune": "finetune/fin",
+        "quantized": f"quantize/{first_models['quantized']}",
+    }
+    assert comparison["champion"] == "pretrain/pre" == report["promotion"]["champion"]
+    rows = {row["model"]: row for row in comparison["models"]}
+    challenger = report["promotion"]["challenger"]
+    assert list(rows) == [
+        "pretrain/pre-b",
+        "finetune/fin-b",
+        f"quantize/{inputs['quantize']}",
+        "pretrain/pre",
+        "finetune/fin",
+        f"quantize/{first_models['quantized']}",
+    ]
+    assert rows[challenger]["roles"] == ["this run", "challenger"]
+    assert rows["pretrain/pre"]["roles"] == ["previous run", "champion"]
+    assert rows["finetune/fin"]["roles"] == ["previous run"]
+    assert rows[challenger]["same_tokenizer"] and not rows["pretrain/pre"]["same_tokenizer"]
+    # The same frozen set as the first run's gate, and the same numbers for the same model.
+    assert rows["pretrain/pre"]["bits_per_byte"] == pytest.approx(
+        first_report["promotion"]["metrics"]["challenger"]["bits_per_byte"]
+    )
+    assert rows[challenger]["bits_per_byte"] == report["promotion"]["metrics"]["challenger"]["bits_per_byte"]
+
+    markdown = (folder / REPORT_MD).read_text()
+    assert f"The previous run is evaluate/{first.version}" in markdown and "The champion is pretrain/pre." in markdown
+    champion_row = rows["pretrain/pre"]
+    # Another tokenizer: its per-token losses are not shown, its bits per byte are, against the champion's.
+    assert (
+        f"| pretrain | pretrain/pre | previous run, champion | other (tokenizer/tk) | "
+        f"{champion_row['bits_per_byte']:.4f} | +0.0000 | - | {champion_row['heldout_bits_per_byte']:.4f} | - |"
+    ) in markdown
+    line = next(
+        line for line in markdown.splitlines() if f"| {challenger} | this run, challenger | this run's |" in line
+    )
+    assert f"| {rows[challenger]['val_loss']:.4f} |" in line
+
+    # A model of the previous run damaged since: the report says so and goes on.
+    with open(Store(root).path("finetune", "fin") / "model.pt", "ab") as f:
+        f.write(b"\0")
+    again = EVALUATE.run(root, small_cfg(seed=7), inputs)
+    folder = Store(root).path("evaluate", again.version)
+    rows = {row["model"]: row for row in json.loads((folder / REPORT_JSON).read_text())["comparison"]["models"]}
+    assert rows["finetune/fin"]["skipped"].startswith("the previous run's model finetune/fin is damaged: model.pt has")
+    assert "finetune/fin (previous run) is not compared: the previous run's model" in (folder / REPORT_MD).read_text()
 
 
 def test_a_changed_champion_gives_a_new_evaluate_version(tmp_path: Path) -> None:
@@ -348,9 +564,9 @@ def test_champion_by_heldout_loss_needs_heldout_pairs(tmp_path: Path, trained: t
     assert report["models"]["finetune"]["heldout_loss"] is None and report["heldout_pairs"] == 0
 
 
-def untrained(vocab_size: int, seed: int) -> GPT:
+def untrained(vocab_size: int, seed: int, block_size: int = 64) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32)).eval()
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)).eval()
 
 
 def test_bits_per_byte_is_over_the_bytes_of_the_scored_tokens(tmp_path: Path) -> None:
@@ -400,14 +616,21 @@ def test_scored_bytes_of_a_whole_split_are_the_tokens_stage_bytes(tmp_path: Path
     assert target_bytes(val, None, lengths) + lengths[val[0]] == read_meta(folder)["val_bytes"] > 0
 
 
-def test_heldout_pairs_counts_the_pairs_scored(tmp_path: Path, trained: tuple[GPT, GPT]) -> None:
-    too_long = {"prompt": "the cat " * 10, "response": " sat."}  # the prompt fills the 64-token context
-    inputs = publish_inputs(tmp_path / "store", *trained, heldout=[*HELDOUT, too_long])
+def test_heldout_pairs_counts_the_pairs_scored(tmp_path: Path) -> None:
+    """A 16-token context cannot hold the fine-tuning template's own lines (27 characters): no pair read has a
+    response token within it, so none is scored, and the stage reports so instead of failing."""
+    vocab_size = train_char([TEXT]).vocab_size
+    models = untrained(vocab_size, 0, block_size=16), untrained(vocab_size, 1, block_size=16)
+    too_long = {"prompt": "the cat " * 10, "response": " sat."}
+    inputs = publish_inputs(tmp_path / "store", *models, heldout=[*HELDOUT, too_long])
     ref = EVALUATE.run(tmp_path / "store", small_cfg(), inputs)
     folder = Store(tmp_path / "store").path("evaluate", ref.version)
     report = json.loads((folder / REPORT_JSON).read_text())
-    assert report["heldout_pairs"] == 2 and report["heldout_pairs_read"] == 3
-    assert "and 2 held-out fine-tuning pairs (1 more have no response token" in (folder / REPORT_MD).read_text()
+    assert report["heldout_pairs"] == 0 and report["heldout_pairs_read"] == 3
+    assert all(entry["heldout_loss"] is None for entry in report["models"].values())
+    assert "and 0 held-out fine-tuning pairs (3 more have no response token" in (folder / REPORT_MD).read_text()
+    with pytest.raises(DataIntegrityError, match="none of the 3 held-out pairs has a response token"):
+        EVALUATE.run(tmp_path / "store", small_cfg(champion_metric="heldout_loss"), inputs)
 
 
 def test_evaluate_rejects_scored_tokens_without_text(tmp_path: Path, trained: tuple[GPT, GPT]) -> None:
