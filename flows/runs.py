@@ -120,8 +120,10 @@ def stage_rows(record: dict[str, Any]) -> list[tuple[str, str | None, str]]:
 
 
 def val_losses(summary: dict[str, Any]) -> list[tuple[str, float, str]]:
-    """(model, validation loss, note) of each model evaluated, then of the unigram baseline."""
+    """(model, validation loss, note) of each model evaluated, then of the bigram and unigram baselines."""
     rows = [(name, summary[f"{name}_val_loss"], "") for name in LOSS_MODELS if f"{name}_val_loss" in summary]
+    if "bigram_val_loss" in summary:
+        rows.append(("bigram", summary["bigram_val_loss"], "baseline: the previous token only"))
     if "unigram_val_loss" in summary:
         rows.append(("unigram", summary["unigram_val_loss"], "baseline: token frequencies only"))
     return rows

@@ -6,6 +6,8 @@ Artifacts are for people watching; a failure to create one is logged and never f
 
 import base64
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -94,14 +96,30 @@ def summary_markdown(store: Store, ref: StageRef) -> str:
         *(f"| {name} | {value} |" for name, value in _scalar_rows(manifest["metrics"])),
         *_listed_tables(manifest["metrics"]),
     ]
+    inlined: set[str] = set()
+
+    def inline(match: re.Match[str]) -> str:
+        # report.md links its plots by file name, which the UI cannot follow: the image itself goes in.
+        png = folder / match.group(2)
+        if not png.is_file() or png.stat().st_size > MAX_EMBEDDED_PNG_BYTES:
+            return match.group(0)
+        inlined.add(png.name)
+        return f"![{match.group(1)}]({_data_uri(png)})"
+
     report = folder / "report.md"
     if report.is_file():
-        lines += ["", report.read_text(encoding="utf-8")]
+        lines += ["", _PNG_LINK.sub(inline, report.read_text(encoding="utf-8"))]
     for png in sorted(folder.glob("*.png")):
-        if png.stat().st_size <= MAX_EMBEDDED_PNG_BYTES:
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            lines += ["", f"![{png.stem}](data:image/png;base64,{data})"]
+        if png.name not in inlined and png.stat().st_size <= MAX_EMBEDDED_PNG_BYTES:
+            lines += ["", f"![{png.stem}]({_data_uri(png)})"]
     return "\n".join(lines) + "\n"
+
+
+_PNG_LINK = re.compile(r"!\[([^\]]*)\]\(([\w.-]+\.png)\)")  # a markdown image of a file beside the report
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
 def publish_summary(store: Store, ref: StageRef, log: logging.Logger | logging.LoggerAdapter) -> None:
