@@ -1040,6 +1040,40 @@ def render_quantization(quantization: dict[str, Any]) -> list[str]:
     return [*lines, "", f"![Quantization: file size, decoding speed and validation loss]({QUANTIZE_PLOT})"]
 
 
+FINETUNE_LOSSES = ("heldout_loss_before", "heldout_loss_after_full", "heldout_loss_after_lora")
+
+
+def finetune_summary(manifest_metrics: dict[str, Any]) -> dict[str, Any]:
+    """What fine-tuning did to the held-out response loss, as its stage measured it: before, after full
+    fine-tuning and after LoRA (null for a method not trained; `finetune.compare` trains both), with each
+    drop, and which method's weights were published."""
+    found: dict[str, Any] = {"method": manifest_metrics.get("method", "full")}
+    found.update({key: manifest_metrics.get(key) for key in FINETUNE_LOSSES})
+    before = found["heldout_loss_before"]
+    for method in ("full", "lora"):
+        after = found[f"heldout_loss_after_{method}"]
+        found[f"drop_{method}"] = before - after if before is not None and after is not None else None
+    return found
+
+
+def render_finetune(finetune: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Fine-tuning",
+        "",
+        "The held-out response loss (nats per response token, on pairs of modules left out of pretraining) before "
+        f"fine-tuning and after each method, as the finetune stage measured it; `{finetune['method']}` was published.",
+        "",
+        "| | held-out loss | drop |",
+        "|---|---|---|",
+        f"| before | {_fmt(finetune['heldout_loss_before'])} | |",
+    ]
+    for method in ("full", "lora"):
+        after = finetune[f"heldout_loss_after_{method}"]
+        if after is not None:
+            lines.append(f"| after {method} | {_fmt(after)} | {_fmt(finetune[f'drop_{method}'])} |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         *render_summary(report),
@@ -1056,6 +1090,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         *render_quantization(report["quantization"]),
         "",
+        *(render_finetune(report["finetune"]) + [""] if report.get("finetune") else []),
         "## Training curves",
         "",
         "The losses pretraining and fine-tuning logged as they ran, pretraining's beside the baselines' validation "
@@ -1324,6 +1359,7 @@ def _evaluate(ctx: StageContext, cfg: EvaluateConfig) -> dict[str, Any]:
         "heldout_pairs_read": len(heldout),
         "tokens_version": ctx.inputs["tokens"],
         "quantization": quantization,
+        "finetune": finetune_summary(ctx.store.manifest("finetune", ctx.inputs["finetune"])["metrics"]),
         "comparison": comparison,
         "promotion": promotion,
     }

@@ -660,3 +660,17 @@ def test_evaluate_config_rejects_bad_values() -> None:
         EvaluateConfig(champion_metric="accuracy")
     with pytest.raises(ValidationError):
         EvaluateConfig(temperature=-1.0)
+
+
+def test_the_report_shows_the_held_out_loss_before_and_after_each_fine_tuning_method() -> None:
+    from tasks.evaluate import finetune_summary, render_finetune
+
+    summary = finetune_summary(
+        {"method": "full", "heldout_loss_before": 4.6, "heldout_loss_after_full": 4.3, "heldout_loss_after_lora": 4.4}
+    )
+    assert summary["drop_full"] == pytest.approx(0.3) and summary["drop_lora"] == pytest.approx(0.2)
+    text = "\n".join(render_finetune(summary))
+    assert "| after full | 4.3000 | 0.3000 |" in text and "| after lora | 4.4000 | 0.2000 |" in text
+    # A method the stage did not train has no row, rather than a made-up number.
+    only_full = finetune_summary({"heldout_loss_before": 4.6, "heldout_loss_after_full": 4.3})
+    assert only_full["drop_lora"] is None and "after lora" not in "\n".join(render_finetune(only_full))
