@@ -13,11 +13,24 @@ weight are output channels), q = round(w / s) in [-127, 127], s = max|row| / 127
 int4: symmetric, one fp32 scale per group of `group_size` consecutive inputs of a row, q in [-7, 7]
 (s = max|group| / 7), stored as q + 8 in a nibble, two per byte (even index in the low nibble).
 
-Evaluation uses the dequantized float model (`load_quantized`): the quality of the stored weights, on any
-device. Fast CPU inference uses `to_dynamic_int8`, PyTorch's dynamic int8 Linear kernels (x86 engine):
-1.5-1.8x fp32 for a 6-layer, 384-wide GPT on 2 cores, no gain at 4 layers x 128 wide, where the matmuls
-are too small to dominate (benchmarks/quantize_bench.py).
-No int4 CPU kernel is used: torchao's int4 paths need CUDA.
+Two ways to run a stored model. `load_quantized`: the dequantized float model, the quality of the stored
+weights on any device (what evaluation scores). `load_for_cpu`: the stored integers themselves on CPU
+kernels, every Linear layer and the output head included:
+- int8 on PyTorch's dynamic int8 Linear (fbgemm: the x86 engine packs Linear weights for fbgemm; oneDNN,
+  its other kernel, was 1.3-1.8x slower at decoding), which quantizes the activations per call to 7 bits
+  (reduce_range, safe on CPUs without VNNI);
+- int4 on `_weight_int4pack_mm_for_cpu` (torchao's and gpt-fast's CPU kernel), which takes bf16
+  activations and scales: its fp32 path was 2.5-3.5x slower than a fp32 matmul here.
+Decoding one token multiplies a vector by every weight matrix once, so its matmuls go as the weights' bytes:
+68 MB in fp32, 17 MB in int8 for the small preset's model (6 layers x 384, vocab 16k), whose output head is
+a third of them. Greedy decoding with the KV cache, one stream, on 2 shared AMD EPYC cores (AVX-512 VNNI),
+interleaved medians (benchmarks/quantize_bench.py): small, one thread: int8 1.95-2.6x fp32's tokens/s (1.4-1.5x
+with the head left in fp32), int4 2.6-3.6x; two threads: int8 3.0-3.2x, int4 4.3-4.7x. The tiny preset's
+model (4 x 128, vocab 2k; its weights sit in cache): int8 0.74-1.27x, int4 0.84-1.64x, as each int8 call's
+activation quantization costs about what reading fewer bytes saves. A full-context forward (prompt
+processing, evaluation): int8 1.2-2.8x, int4 0.76-1.17x (the int4 kernel is made for matrix-vector products).
+int8 weight-only (`_weight_int8pack_mm`) decoded no faster than the dynamic kernel and ran a full context at
+0.5-0.9x fp32 (on bf16 activations; its fp32 path is 0.5x fp32 even at decoding), so it is not used.
 """
 
 import copy
@@ -30,6 +43,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import torch.ao.nn.quantized.dynamic as nnqd
 import torch.nn as nn
 
 from model.checkpoint import CONFIG, atomic_torch_save, load_config
@@ -175,36 +189,131 @@ def quantized_file(folder: Path) -> Path:
     return found[0]
 
 
-def load_quantized(folder: Path, device: str | torch.device = "cpu") -> GPT:
-    """The dequantized float GPT stored in `folder` (weights only: no pickled code runs)."""
+def read_quantized(folder: Path) -> tuple[Path, dict]:
+    """(path, weights dict) of the one quantized weights file in `folder` (weights only: no pickled code runs)."""
     path = quantized_file(folder)
-    model = GPT(load_config(folder))
     try:
         qstate = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
         raise DataIntegrityError(f"{path}: cannot be read as quantized weights ({exc})") from exc
+    return path, qstate
+
+
+def _dequantized_model(folder: Path, path: Path, qstate: dict) -> GPT:
+    model = GPT(load_config(folder))
     try:
         model.load_state_dict(dequantize_state_dict(qstate))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise DataIntegrityError(f"{path}: does not match {folder / CONFIG}: {first}") from exc
-    return model.to(device).eval()
+    return model.eval()
 
 
-def to_dynamic_int8(model: nn.Module) -> nn.Module:
-    """A CPU copy of `model` whose Linear layers (lm_head included) run PyTorch's dynamic int8 kernels.
+def load_quantized(folder: Path, device: str | torch.device = "cpu") -> GPT:
+    """The dequantized float GPT stored in `folder`."""
+    path, qstate = read_quantized(folder)
+    return _dequantized_model(folder, path, qstate).to(device)
 
-    Weights are int8 per output channel; activations are quantized per batch on the fly. The embeddings
-    stay float: a lookup gains nothing from int8. torch.ao.quantization is deprecated but still ships, and
-    its kernels were the only int8 path faster than fp32 on a CPU without AVX-512 (ENV-NOTES.md).
+
+def load_for_cpu(folder: Path) -> GPT:
+    """The GPT stored in `folder` on CPU, its Linear layers running the stored integers (`with_cpu_kernels`)."""
+    path, qstate = read_quantized(folder)
+    return with_cpu_kernels(_dequantized_model(folder, path, qstate), qstate)
+
+
+_INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+_INT4_KERNEL_ROWS = 16  # it packs output channels in blocks of 16
+
+
+class Int4Linear(nn.Module):
+    """A Linear layer stored as int4 groups, run by PyTorch's `_weight_int4pack_mm_for_cpu`: the weights stay
+    two per byte and are expanded inside the matmul.
+
+    The kernel computes (nibble - 8) * scale + zero per group, which is the stored q * s with zero 0. It takes
+    bf16 activations and scales (its fp32 path is a slow reference), so x and the scales are rounded to bf16
+    (8 significant bits, against int4's 3) and the product comes back to fp32 before the bias.
     """
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    model = copy.deepcopy(getattr(model, "_orig_mod", model)).cpu().eval()
+    def __init__(
+        self, packed: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int], bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.group_size = self.in_features // scales.shape[1]
+        p = packed.to(torch.int32)
+        nibbles = torch.stack((p & 0xF, p >> 4), dim=2).view(self.out_features, -1)  # (out, in): q + 8
+        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
+        scales_t = scales.t().float()  # (n_groups, out)
+        self.register_buffer(
+            "scales_and_zeros", torch.stack((scales_t, torch.zeros_like(scales_t)), dim=2).bfloat16()
+        )  # (n_groups, out, 2)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @staticmethod
+    def fits(entry: dict) -> bool:
+        """Whether the kernel takes this stored weight: rows in blocks of 16, cut into whole groups of a size it
+        knows, with no padding (padded rows would need their activations padded too)."""
+        out_features, in_features = entry["shape"]
+        padded_in = 2 * entry["qweight"].shape[1]
+        group = padded_in // entry["scales"].shape[1]
+        return padded_in == in_features and group in _INT4_KERNEL_GROUPS and out_features % _INT4_KERNEL_ROWS == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).bfloat16(), self.weight, self.group_size, self.scales_and_zeros
+        )  # (B*T, out), bf16
+        y = y.float().view(*x.shape[:-1], self.out_features)  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+
+
+def _int8_linear(entry: dict, bias: torch.Tensor | None) -> nn.Module:
+    """PyTorch's dynamic int8 Linear holding exactly the stored int8 weights and scales."""
+    out_features, in_features = entry["shape"]
+    scales = entry["scales"].double()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)  # "quantized tensor creation functions are deprecated"
-        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        # q * s re-quantized with the same s is q again: the packed weights are the stored ones.
+        weight = torch.quantize_per_channel(
+            dequantize_int8(entry["qweight"], entry["scales"]),
+            scales,
+            torch.zeros_like(scales, dtype=torch.long),
+            0,
+            torch.qint8,
+        )
+        layer = nnqd.Linear(in_features, out_features, bias_=bias is not None, dtype=torch.qint8)
+        layer.set_weight_bias(weight, None if bias is None else bias.detach().float())
+    return layer
+
+
+def with_cpu_kernels(model: GPT, qstate: dict) -> GPT:
+    """A CPU copy of `model` whose Linear layers (lm_head included) run the integers of `qstate` on CPU
+    kernels: int8 on PyTorch's dynamic int8 Linear, int4 on `Int4Linear` where the kernel takes the shape
+    (the others stay in float, dequantized). The embeddings stay float: a lookup gains nothing from integers.
+    """
+    model = copy.deepcopy(getattr(model, "_orig_mod", model)).cpu().eval()
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, nn.Linear):
+            continue
+        # Every matrix is stored quantized (a tied head under its embedding's name), and `model` was loaded
+        # from this very dict, so the names and shapes match.
+        entry = qstate["quantized"][qstate["aliases"].get(f"{name}.weight", f"{name}.weight")]
+        if qstate["bits"] == 8:
+            fast = _int8_linear(entry, layer.bias)
+        elif Int4Linear.fits(entry):
+            fast = Int4Linear(entry["qweight"], entry["scales"], tuple(entry["shape"]), layer.bias)
+        else:
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, fast)
+    return model
+
+
+def to_dynamic_int8(model: GPT) -> GPT:
+    """A CPU copy of `model` with int8 weights per output channel on PyTorch's dynamic int8 Linear kernels."""
+    return with_cpu_kernels(model, quantize_state_dict(model.state_dict(), bits=8))
 
 
 @torch.inference_mode()
