@@ -285,7 +285,7 @@ def print_runs(store: Any) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tasks.generate import generate_text
+    from flows.generate import generate_text
 
     for text in generate_text(
         args.storage,
@@ -305,9 +305,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from flows.generate import find_tokenizer, load_store_model
     from model.hf import export_hf
     from storage.store import Store
-    from tasks.generate import find_tokenizer, load_store_model
 
     store = Store(args.storage)
     model, _, ref = load_store_model(store, args.version)

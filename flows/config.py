@@ -21,8 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
 
+from flows.checks import ChecksConfig
 from storage.errors import ConfigError
-from tasks.checks import ChecksConfig
 from tasks.clean import CleanConfig
 from tasks.dedup import DedupConfig
 from tasks.download import DownloadConfig, Source, Sources

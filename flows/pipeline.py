@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from flows.checks import CHECKED_STAGES, check_task
 from flows.config import PipelineOverrides, Preset, overrides_dict, preset_config
 from flows.deploy import skip_stale_schedule
 from flows.plan import StageSelection, plan_stages, selection_label
@@ -17,7 +18,6 @@ from flows.preflight import check_run
 from flows.runs import RunRecorder, summary_artifact
 from storage.store import StageRef, Store
 from tasks import clean, dedup, download, evaluate, extract, finetune, pretrain, quantize, tokenizer, tokens
-from tasks.checks import CHECKED_STAGES, check_task
 from tasks.sample_data import default_source_dir, ensure_sample_archive
 from tasks.shardmap import dask_cluster
 from tasks.stage import result_storage

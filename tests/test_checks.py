@@ -9,12 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.cli import main
-from flows.pipeline import pipeline
-from flows.plan import StageSelection
-from storage.errors import QualityError
-from storage.store import Store
-from tasks.checks import (
+from flows.checks import (
     ChecksConfig,
     CleanChecks,
     DedupChecks,
@@ -25,6 +20,11 @@ from tasks.checks import (
     run_checks,
     tokens_checks,
 )
+from flows.cli import main
+from flows.pipeline import pipeline
+from flows.plan import StageSelection
+from storage.errors import QualityError
+from storage.store import Store
 from tasks.sample_data import default_corpus_documents, write_openwebtext_archive
 from tasks.split import SplitConfig, is_val
 from tasks.tokenizer import STAGE as TOKENIZER

@@ -31,7 +31,7 @@ from model.train import TrainConfig, read_metrics
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
 from tasks.finetune import STAGE, FinetuneConfig, finetune_pairs
-from tasks.generate import find_tokenizer
+from flows.generate import find_tokenizer
 from tasks.pretrain import STAGE as PRETRAIN
 from tasks.pretrain import PretrainConfig
 from tasks.sample_data import default_corpus_documents

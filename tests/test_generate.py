@@ -9,7 +9,7 @@ import torch
 from model.gpt import GPT, GPTConfig, sample_next
 from model.quantize import decode_tokens_per_s, to_dynamic_int8
 from model.tokenizer import train_char
-from tasks import generate as generate_task
+from flows import generate as generate_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
