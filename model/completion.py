@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from model.evaluate import eval_windows, tokens_read
+from model.evaluate import tokens_read, window_logits
 from model.tokenizer import Tokenizer
 from storage.errors import DataIntegrityError
 
@@ -327,23 +327,8 @@ def next_token_accuracy(
     """Fraction of `scored_targets(tokens, max_tokens)` that are the model's top-1 prediction, predicted in
     the windows `eval_loss` scores (`eval_windows`), so it describes the very targets of the reported loss.
     A tie goes to the lowest id (torch.argmax)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     n = tokens_read(tokens, max_tokens)
-    data = torch.from_numpy(np.asarray(tokens[:n], dtype=np.int64))  # (n,)
-    windows = eval_windows(n, block_size)
     correct = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for length in sorted({length for _, length in windows}, reverse=True):
-            starts = [start for start, w_len in windows if w_len == length]
-            for i in range(0, len(starts), batch_size):
-                batch = starts[i : i + batch_size]
-                x = torch.stack([data[s : s + length] for s in batch]).to(device)  # (B, T)
-                y = torch.stack([data[s + 1 : s + length + 1] for s in batch]).to(device)  # (B, T)
-                logits, _ = model(x, y)  # (B, T, vocab)
-                correct += int((logits.argmax(dim=-1) == y).sum())
-    finally:
-        model.train(was_training)
+    for logits, y in window_logits(model, tokens, block_size, batch_size, n, device):
+        correct += int((logits.argmax(dim=-1) == y).sum())
     return correct / (n - 1)

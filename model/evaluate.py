@@ -10,6 +10,7 @@ the UTF-8 bytes those very targets decode to (`target_bytes`).
 
 import json
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -65,14 +66,34 @@ def eval_loss(
     The tokens are cut into fixed non-overlapping windows of `block_size`; the mean is over tokens, not
     windows, so a short last window weighs what its tokens weigh.
     """
+    n = tokens_read(tokens, max_tokens)
+    total = 0.0
+    for logits, y in window_logits(model, tokens, block_size, batch_size, n, device):
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),  # (B*T, vocab)
+            y.reshape(-1),  # (B*T,)
+            reduction="sum",
+        ).item()
+    return total / (n - 1)
+
+
+@torch.no_grad()
+def window_logits(
+    model: nn.Module,
+    tokens: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    n: int,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, targets) of the first `n` tokens' evaluation windows (`eval_windows`), batch by batch, with
+    the model in eval mode meanwhile: what every per-target measure over those windows reads."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    n = tokens_read(tokens, max_tokens)
     data = torch.from_numpy(np.asarray(tokens[:n], dtype=np.int64))  # (n,)
+    windows = eval_windows(n, block_size)
     was_training = model.training
     model.eval()
-    total = 0.0
-    windows = eval_windows(n, block_size)
     try:
         # Windows of one length are batched together; only the last one can be shorter.
         for length in sorted({length for _, length in windows}, reverse=True):
@@ -82,14 +103,9 @@ def eval_loss(
                 x = torch.stack([data[s : s + length] for s in batch]).to(device)  # (B, T)
                 y = torch.stack([data[s + 1 : s + length + 1] for s in batch]).to(device)  # (B, T)
                 logits, _ = model(x, y)  # (B, T, vocab)
-                total += F.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)).float(),  # (B*T, vocab)
-                    y.reshape(-1),  # (B*T,)
-                    reduction="sum",
-                ).item()
+                yield logits, y
     finally:
         model.train(was_training)
-    return total / (n - 1)
 
 
 def perplexity(loss: float) -> float:
