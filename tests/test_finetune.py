@@ -12,6 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from flows.config import PipelineOverrides
+from flows.generate import find_tokenizer
 from model.checkpoint import load_model
 from model.data import ExampleBatches
 from model.finetune import (
@@ -31,7 +32,6 @@ from model.train import TrainConfig, read_metrics
 from storage.errors import ConfigError, DataIntegrityError
 from storage.store import Store
 from tasks.finetune import STAGE, FinetuneConfig, finetune_pairs
-from flows.generate import find_tokenizer
 from tasks.pretrain import STAGE as PRETRAIN
 from tasks.pretrain import PretrainConfig
 from tasks.sample_data import default_corpus_documents

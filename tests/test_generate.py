@@ -6,10 +6,10 @@ import builders
 import pytest
 import torch
 
+from flows import generate as generate_task
 from model.gpt import GPT, GPTConfig, sample_next
 from model.quantize import decode_tokens_per_s, to_dynamic_int8
 from model.tokenizer import train_char
-from flows import generate as generate_task
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
