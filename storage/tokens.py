@@ -73,7 +73,16 @@ def read_meta(folder: Path) -> dict[str, Any]:
     path = Path(folder) / META
     if not path.is_file():
         raise DataIntegrityError(f"{path}: missing; the token files cannot be interpreted without it")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Damage that keeps the size passes the store's cheap check; --verify compares every file's sha256.
+        raise DataIntegrityError(
+            f"{path}: damaged, not JSON ({type(exc).__name__}); `gptflow run --verify` rebuilds the version"
+        ) from None
+    if not isinstance(meta, dict):
+        raise DataIntegrityError(f"{path}: damaged, not a JSON object; `gptflow run --verify` rebuilds the version")
+    return meta
 
 
 def open_tokens(folder: Path, split: str) -> np.memmap:

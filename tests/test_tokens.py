@@ -301,3 +301,15 @@ def test_workers_do_not_change_the_output(tmp_path):
     )
     assert one.name == two.name
     assert_same_files(one, two)
+
+
+def test_a_damaged_meta_json_is_one_line_naming_it(tmp_path) -> None:
+    from storage.errors import DataIntegrityError
+    from storage.tokens import read_meta
+
+    (tmp_path / "meta.json").write_text("{'dtype': 'uint16'}", encoding="utf-8")  # same size as valid JSON
+    with pytest.raises(DataIntegrityError, match=r"meta\.json: damaged, not JSON \(JSONDecodeError\)"):
+        read_meta(tmp_path)
+    (tmp_path / "meta.json").write_text("[1, 2]", encoding="utf-8")
+    with pytest.raises(DataIntegrityError, match="not a JSON object"):
+        read_meta(tmp_path)
