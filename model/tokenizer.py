@@ -13,13 +13,17 @@ Both end every document with the special `<|endoftext|>` token. Text that merely
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import tiktoken
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from model.fast_bpe import encode_batch as fast_encode_batch
+from model.fast_bpe import fast_encoder
 from storage.errors import DataIntegrityError
 
 FILENAME = "tokenizer.json"
@@ -89,6 +93,13 @@ class Tokenizer(ABC):
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eot_id={self.eot_id})"
 
 
+@lru_cache(maxsize=2)
+def _fast_encoder_of(content: str) -> "tiktoken.Encoding | None":
+    # Once per process and tokenizer: the checks read every merge (~0.3 s for 50k), and a worker encoding
+    # shard after shard loads the same tokenizer for each.
+    return fast_encoder(json.loads(content))
+
+
 class BPETokenizer(Tokenizer):
     kind = "bpe"
 
@@ -99,6 +110,13 @@ class BPETokenizer(Tokenizer):
         self._backend = backend
         self._backend.encode_special_tokens = True  # "<|endoftext|>" inside a document is just text
         self._eot_id = eot_id
+        self._fast: tiktoken.Encoding | None | bool = False  # False: not looked for yet
+
+    def _fast_encoder(self) -> "tiktoken.Encoding | None":
+        """tiktoken's encoder for this vocabulary, where it gives the same ids (model/fast_bpe.py)."""
+        if self._fast is False:
+            self._fast = _fast_encoder_of(self._backend.to_str())
+        return self._fast
 
     @property
     def vocab_size(self) -> int:
@@ -109,9 +127,15 @@ class BPETokenizer(Tokenizer):
         return self._eot_id
 
     def encode(self, text: str) -> list[int]:
+        fast = self._fast_encoder()
+        if fast is not None:
+            return fast.encode_ordinary(text)
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        fast = self._fast_encoder()
+        if fast is not None:
+            return fast_encode_batch(fast, texts)
         # The library encodes a batch on all cores.
         return [enc.ids for enc in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 

@@ -1398,7 +1398,7 @@ STAGE = EvaluateStage(
     inputs=("tokens", "tokenizer", "pretrain", "finetune", "quantize"),
     # The champion alias: which champion a run's best model is judged against (EvaluateStage.compared_with).
     identity=registry_snapshot,
-    libraries=("torch", "numpy", "tokenizers"),
+    libraries=("torch", "numpy", "tokenizers", "tiktoken"),
     # Losses computed on a GPU differ from a CPU's in the last digits: another device, another version.
     environment=lambda cfg: {"device": resolve(cfg.device).type},
 )

@@ -307,6 +307,6 @@ STAGE = Stage(
     config=TokensConfig,
     build=build,
     inputs=("dedup", "tokenizer"),
-    libraries=("tokenizers", "numpy", "pyarrow"),
+    libraries=("tokenizers", "tiktoken", "numpy", "pyarrow"),
 )
 tokens_task = stage_task(STAGE)
