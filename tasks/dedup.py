@@ -5,11 +5,14 @@ resumed; the per-shard passes are `map_shards` steps, cached on their input shar
 run with one new shard hashes only that shard:
 
 1. signatures, per shard (`map_shards` step "signatures"): from the normalised text, one 128-bit hash per
-   document (`signatures/<shard>.sig`, 16 bytes a row) and, for `method: minhash`, its MinHash signature
-   over word n-grams and one hash per LSH band, each band's (hash, row) records sorted by hash
-   (`minhash/<shard>.*.npy`), all in scratch under `ctx.work`;
-2. exact clusters: equal 128-bit hashes over all shards; the first document of each group in (shard, row)
-   order is kept (memory: 16 bytes and a position per document);
+   document, its (hash, row) records sorted by hash (`signatures/<shard>.hashes.npy`, the high and low 64
+   bits, and `.rows.npy`) and, for `method: minhash`, its MinHash signature over word n-grams and one hash
+   per LSH band, each band's (hash, row) records sorted by hash (`minhash/<shard>.*.npy`), all in scratch
+   under `ctx.work`;
+2. exact clusters: the records of every shard are merged one range of the high 64 bits at a time (sized to
+   SORT_BUDGET_BYTES as in pass 3), and documents whose 128 bits are equal form a group; the first document
+   of each group in (shard, row) order is kept (memory: one range's records, and a position and its group's
+   first for each document that has an exact duplicate);
 3. buckets (minhash): for each band, the records of every shard are merged one hash range at a time (the
    ranges are sized so that one range's records take at most SORT_BUDGET_BYTES), documents sharing a
    band hash become candidate pairs, and a pair is kept when the fraction of equal values in the two
@@ -27,8 +30,10 @@ run with one new shard hashes only that shard:
    lines it cuts): `docs/<shard>` without the dropped rows and cut lines, `removed/<shard>` with each
    dropped row's doc_id and reason (exact_duplicate, near_duplicate, paragraphs: no text left).
 
-No pass holds the corpus's text: the global passes hold a few bytes per document and per candidate pair,
-and one hash range of band or paragraph records at a time.
+No pass holds the corpus's text, nor a hash per document: the stage process holds, for every document, only
+`alive` (1 byte: not yet removed), and per shard its offset among the documents; besides them, a few bytes
+per duplicate, candidate pair and repeated paragraph, and one hash range of exact, band or paragraph records
+at a time.
 """
 
 import hashlib
@@ -211,9 +216,23 @@ def _text_batches(src: Path) -> Any:
         yield [text or "" for text in batch.column("text").to_pylist()]
 
 
+def write_exact_hashes(digests: bytes, folder: Path, stem: str) -> int:
+    """Write one shard's exact hashes (`digests`: SIGNATURE_BYTES a row, in row order) sorted by (hash, row):
+    `<stem>.hashes.npy`, (2, rows) uint64, the digests' first 8 bytes then their last 8 (each read
+    little-endian), and `<stem>.rows.npy`, (rows,) uint32, the row of each. Returns the number of rows."""
+    halves = np.frombuffer(digests, dtype="<u8").reshape(-1, 2).astype(np.uint64)
+    rows = np.arange(len(halves), dtype=np.uint32)
+    order = np.lexsort((rows, halves[:, 1], halves[:, 0]))
+    folder.mkdir(parents=True, exist_ok=True)  # one folder holds every shard's files
+    # (2, rows), not (rows, 2): the high halves are one contiguous array that a range is cut from.
+    np.save(folder / f"{stem}.hashes.npy", np.ascontiguousarray(halves[order].T))
+    np.save(folder / f"{stem}.rows.npy", rows[order])
+    return len(rows)
+
+
 def hash_shard(src: Path, out: Path, strip_punctuation: bool, params: MinHashParams | None) -> int:
-    """Write `src`'s exact signatures (and, with `params`, its MinHash signatures and sorted band records)
-    under `out`; returns the number of documents."""
+    """Write `src`'s exact hashes sorted with their rows (and, with `params`, its MinHash signatures and
+    sorted band records) under `out`; returns the number of documents."""
     exact = []
     minhash = []
     for texts in _text_batches(src):
@@ -221,9 +240,7 @@ def hash_shard(src: Path, out: Path, strip_punctuation: bool, params: MinHashPar
         exact.append(b"".join(_exact_hash(text) for text in normalised))
         if params is not None:
             minhash.append(minhash_signatures(normalised, params))
-    rows = sum(len(part) for part in exact) // SIGNATURE_BYTES
-    (out / SIGNATURES).mkdir(parents=True)
-    (out / SIGNATURES / f"{src.stem}.sig").write_bytes(b"".join(exact))
+    rows = write_exact_hashes(b"".join(exact), out / SIGNATURES, src.stem)
     if params is not None:
         sigs = np.concatenate(minhash) if minhash else np.zeros((0, params.permutations), dtype=np.uint32)
         bands = minhash_band_hashes(sigs, params)  # (bands, docs)
@@ -243,23 +260,37 @@ def _signature_job(out: str, src: str, strip_punctuation: bool, params: tuple[in
 # -- pass 2: exact clusters -------------------------------------------------------------------------------
 
 
-def exact_groups(signature_files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """The positions (shard order, then row order) of every document whose exact signature another document
-    shares, and for each the position of its group's first document (the one kept); sorted by position."""
-    parts = [np.fromfile(path, dtype=np.uint64).reshape(-1, 2) for path in signature_files]  # 128 bits as 2x64
-    sigs = np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.uint64)
-    n = len(sigs)
-    order = np.lexsort((np.arange(n), sigs[:, 1], sigs[:, 0]))
-    ordered = sigs[order]
-    starts = np.ones(n, dtype=bool)  # True where a new group of equal signatures begins
-    starts[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
-    group = np.cumsum(starts) - 1
-    sizes = np.bincount(group) if n else np.zeros(0, dtype=np.int64)
-    first = order[starts][group]  # the lexsort puts each group's first position first
-    in_group = sizes[group] > 1
-    members, reps = order[in_group], first[in_group]
-    by_position = np.argsort(members, kind="stable")
-    return members[by_position], reps[by_position]
+def exact_groups(folder: Path, stems: list[str], budget: int = SORT_BUDGET_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """The positions (shard order, then row order) of every document whose exact hash another document
+    shares, and for each the position of its group's first document (the one kept); sorted by position.
+
+    The shards' sorted hashes (`write_exact_hashes`) are merged one range of the high 64 bits at a time, the
+    ranges sized so that one range's records take at most `budget`; the result does not depend on it."""
+    hash_maps = [np.load(folder / f"{stem}.hashes.npy", mmap_mode="r") for stem in stems]
+    row_maps = [np.load(folder / f"{stem}.rows.npy", mmap_mode="r") for stem in stems]
+    offsets = np.concatenate([[0], np.cumsum([rows.size for rows in row_maps])]).astype(np.int64)
+    members, reps = [], []
+    for low, high in hash_ranges(_range_count(int(offsets[-1]), 24, budget)):  # high, low half, position
+        his, los, positions = [], [], []
+        for index, (hashes, rows) in enumerate(zip(hash_maps, row_maps, strict=True)):
+            part = range_slice(hashes[0], low, high)
+            his.append(np.asarray(hashes[0][part]))
+            los.append(np.asarray(hashes[1][part]))
+            positions.append(np.asarray(rows[part], dtype=np.int64) + offsets[index])
+        hi, lo, position = (np.concatenate(parts) for parts in (his, los, positions))
+        order = np.lexsort((position, lo, hi))  # a group's first position comes first
+        hi, lo, position = hi[order], lo[order], position[order]
+        # Equal high halves never fall in two ranges (ranges split on them), so a group lies in one range;
+        # both halves must match for the 128 bits to be equal.
+        starts = np.ones(position.size, dtype=bool)  # True where a new group of equal hashes begins
+        starts[1:] = (hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])
+        group = np.cumsum(starts) - 1
+        in_group = np.bincount(group)[group] > 1
+        members.append(position[in_group])
+        reps.append(position[starts][group][in_group])
+    member_array, rep_array = np.concatenate(members), np.concatenate(reps)
+    by_position = np.argsort(member_array, kind="stable")
+    return member_array[by_position], rep_array[by_position]
 
 
 # -- pass 3: buckets --------------------------------------------------------------------------------------
@@ -565,7 +596,7 @@ def build(ctx: StageContext, cfg: DedupConfig) -> dict[str, Any]:
             raise DataIntegrityError(f"{ctx.input_path('clean') / DOCS}: no documents to deduplicate")
         began = _timed(ctx, "signatures", began, "%d documents in %d shard(s)", docs_in, len(shards))
 
-        exact_members, exact_reps = exact_groups([ctx.work / SIGNATURES / f"{stem}.sig" for stem in stems])
+        exact_members, exact_reps = exact_groups(ctx.work / SIGNATURES, stems)
         alive = np.ones(docs_in, dtype=bool)
         alive[exact_members[exact_members != exact_reps]] = False
         metrics["exact_duplicates"] = int(np.count_nonzero(~alive))

@@ -1,6 +1,8 @@
 import hashlib
 import json
+import tracemalloc
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -8,7 +10,15 @@ from builders import publish_docs
 
 from storage.errors import DataIntegrityError
 from storage.store import Store
-from tasks.dedup import STAGE, DedupConfig, hash_shard, normalize_for_dedup, signature
+from tasks.dedup import (
+    STAGE,
+    DedupConfig,
+    exact_groups,
+    hash_shard,
+    normalize_for_dedup,
+    signature,
+    write_exact_hashes,
+)
 
 EXACT = DedupConfig(method="exact")
 
@@ -88,6 +98,74 @@ def test_zero_documents_is_a_data_error(tmp_path):
     with pytest.raises(DataIntegrityError, match="no documents to deduplicate"):
         STAGE.run(root, DedupConfig(), {"clean": clean})
     assert Store(root).latest("dedup") is None
+
+
+# -- exact groups, one hash range at a time ------------------------------------------------------------------
+
+
+def _brute_force_groups(shards: list[list[str]]) -> tuple[list[int], list[int]]:
+    """(members, reps) by comparing normalised texts: every document whose text another shares, with the
+    position of the first document of that text in (shard, row) order."""
+    texts = [normalize_for_dedup(text) for shard in shards for text in shard]
+    first = {}
+    for position, text in enumerate(texts):
+        first.setdefault(text, position)
+    counts = {text: texts.count(text) for text in first}
+    members = [position for position, text in enumerate(texts) if counts[text] > 1]
+    return members, [first[texts[position]] for position in members]
+
+
+def test_exact_groups_are_the_same_for_any_budget_and_match_the_texts(tmp_path):
+    shards = [
+        ["Alpha beta.", "unique one", "ALPHA  beta", "gamma delta", "Gamma, delta!", "epsilon"],
+        ["gamma delta", "unique two", "zeta eta", "alpha beta", "ZETA ETA", "zeta\neta"],
+        ["theta", "epsilon!", "unique three", "Theta"],
+    ]
+    stems = [f"shard-{index:05d}" for index in range(len(shards))]
+    for stem, texts in zip(stems, shards, strict=True):
+        write_exact_hashes(b"".join(signature(text) for text in texts), tmp_path, stem)
+    expected = _brute_force_groups(shards)
+    assert len(expected[0]) == 13 and len(set(expected[1])) == 5  # 5 groups, within and across shards
+    for budget in (1, 1000, 1 << 28):  # 1,152 ranges (3 x 16 records x 24 bytes), 2, 1
+        members, reps = exact_groups(tmp_path, stems, budget=budget)
+        assert (members.tolist(), reps.tolist()) == expected, budget
+
+
+def _planted_corpus(docs: int, shards: int, seed: int = 7) -> tuple[list[bytes], dict[int, int]]:
+    """Random 128-bit digests of `docs` documents in `shards` shards (row order, 16 bytes each) with planted
+    exact duplicates, within and across shards, at the two ends of the hash space, and documents that share
+    only the high 64 bits of another's hash; and {member position: rep position} of the planted groups."""
+    rng = np.random.default_rng(seed)
+    halves = rng.integers(0, 2**64, size=(docs, 2), dtype=np.uint64, endpoint=False)
+    chosen = rng.permutation(docs)[:2400]
+    sizes = np.tile([2, 3, 4], 200)  # 600 groups of 1,800 documents
+    groups = [np.sort(group) for group in np.split(chosen[:1800], np.cumsum(sizes)[:-1])]
+    expected = {}
+    for group in groups:
+        halves[group] = halves[group[0]]
+        expected.update({int(position): int(group[0]) for position in group})
+    halves[groups[0], 0], halves[groups[1], 0] = 0, 2**64 - 1  # the first and the last range's edges
+    halves[chosen[1800:2100]] = halves[chosen[2100:]] ^ np.array([0, 1], dtype=np.uint64)  # the low half differs
+    bounds = np.linspace(0, docs, shards + 1).astype(int)
+    data = halves.astype("<u8").tobytes()
+    return [data[16 * bounds[k] : 16 * bounds[k + 1]] for k in range(shards)], expected
+
+
+def test_exact_groups_hold_one_range_not_a_hash_per_document(tmp_path):
+    docs = 300_000
+    parts, expected = _planted_corpus(docs, shards=3)
+    stems = [f"shard-{index:05d}" for index in range(len(parts))]
+    for stem, part in zip(stems, parts, strict=True):
+        write_exact_hashes(part, tmp_path, stem)
+    tracemalloc.start()
+    try:
+        members, reps = exact_groups(tmp_path, stems, budget=256 << 10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert dict(zip(members.tolist(), reps.tolist(), strict=True)) == expected
+    assert members.tolist() == sorted(expected)
+    assert peak < 16 * docs / 4, peak  # the old pass held 16 bytes and more per document
 
 
 # -- near-duplicates, determinism, caching, paragraphs --------------------------------------------------
@@ -369,14 +447,24 @@ PINNED_SIGNATURE_FILES = {
         "minhash/shard-00000.bands.npy": "bc699b377ec443c608bc30777c5126df4092e22da9242505a801c7f3dd5e8d24",
         "minhash/shard-00000.rows.npy": "b064783e67828b9e2ecfa29cff7f782958bedc5bb0ac500e912b1ee3001070c3",
         "minhash/shard-00000.sig.npy": "903670c47eb126d65521449805d765b8077f98b20df401368fbf0255d005dde6",
-        "signatures/shard-00000.sig": "77c4bea397c5b1de6a7ebdbe5aea3e74650d080531b0ee288891f9aa42002934",
+        "signatures/shard-00000.hashes.npy": "53846593ee8b2d9d889a5b7a6e0b2d1a5a392214027dd924d8c0bb23dab3cab6",
+        "signatures/shard-00000.rows.npy": "fab465b210820d1339405e28a304c2f614363b81c87119ca27333fc60e6254f8",
     },
     False: {
         "minhash/shard-00000.bands.npy": "c54e3fdf18f97aae481415d1bb1975952d332a744c9672d15f7e672aae49f68f",
         "minhash/shard-00000.rows.npy": "099abddb84d120c4ddfe97ff5c1b12793bd282a11f106c5ddc26304ff254ca33",
         "minhash/shard-00000.sig.npy": "bd84c706660181261c02c44853a03d406f692e3297007277adc8d004656ca1f2",
-        "signatures/shard-00000.sig": "0750abf4cf511763ad9bf57f5142a39ab956d0141f94ceb3df0f19f7d4652051",
+        "signatures/shard-00000.hashes.npy": "f6f2384c368cd3faf8667713ae3eaf3362248eb8320c9e94675ebe740936ceda",
+        "signatures/shard-00000.rows.npy": "791166eda331c66e14491af28ab27bec3f956853b86e8789a7670de2b0708732",
     },
+}
+# The exact hashes are the 16-byte blake2b digests of the normalised texts; the signatures/ files hold them
+# sorted by (hash, row), the first and last 8 bytes as the high and low uint64, with their rows. Put back in
+# row order, their bytes are the digests one after another, and these are those bytes' sha256: a change of
+# the files' layout re-pins the files above, while this pin holds the hashes themselves.
+PINNED_DIGESTS = {
+    True: "77c4bea397c5b1de6a7ebdbe5aea3e74650d080531b0ee288891f9aa42002934",
+    False: "0750abf4cf511763ad9bf57f5142a39ab956d0141f94ceb3df0f19f7d4652051",
 }
 
 
@@ -388,6 +476,14 @@ def test_the_signature_pass_writes_the_pinned_bytes(tmp_path, strip_punctuation)
     assert hash_shard(src, tmp_path / "out", strip_punctuation, DedupConfig().minhash()) == len(docs)
     written = {str(p.relative_to(tmp_path / "out")): _sha256(p) for p in sorted((tmp_path / "out").rglob("*.*"))}
     assert written == PINNED_SIGNATURE_FILES[strip_punctuation]
+
+    hashes = np.load(tmp_path / "out" / "signatures" / "shard-00000.hashes.npy")
+    rows = np.load(tmp_path / "out" / "signatures" / "shard-00000.rows.npy")
+    assert np.all(np.diff(np.lexsort((rows, hashes[1], hashes[0]))) == 1)  # sorted by (hash, row)
+    digests = np.empty((len(docs), 2), dtype="<u8")
+    digests[rows] = hashes.T
+    assert digests[3].tobytes() == signature(docs[3][1], strip_punctuation)
+    assert hashlib.sha256(digests.tobytes()).hexdigest() == PINNED_DIGESTS[strip_punctuation]
 
 
 # What the stage keeps and clusters for pinned_corpus() in three shards: sha256 of the clusters' rows and of
