@@ -25,6 +25,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -221,10 +222,8 @@ def map_shards(
     with several steps opens one); otherwise one of `workers` processes is opened for this call.
     Every job is attempted; then the first failure, if any, is raised.
     """
-    from prefect.context import FlowRunContext  # here, not at import: worker processes import this module
-
     address = _DASK_ADDRESS.get()
-    in_flow = FlowRunContext.get() is not None
+    in_flow = _in_flow_run()
     if in_flow and address is not None:  # every shard a task run on the cluster's workers
         from prefect_dask import DaskTaskRunner
 
@@ -240,6 +239,16 @@ def map_shards(
         return _drive(scope, step, jobs, window, _task_run_submitter(scope, step, fn, pool_id, None))
     with ThreadPoolExecutor(max_workers=window) as threads:  # outside a flow (tests, scripts): threads feed the pool
         return _drive(scope, step, jobs, window, lambda job: threads.submit(run_job, scope, step, fn, job, pool_id))
+
+
+def _in_flow_run() -> bool:
+    """Whether a Prefect flow run is in progress in this process. Without Prefect imported none can be; and
+    importing it only to ask costs a process ~1.5 s (a stage run from a script, a worker)."""
+    if "prefect" not in sys.modules:
+        return False
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
 
 
 def _drive(

@@ -213,6 +213,23 @@ def test_the_modules_worker_processes_import_leave_prefect_out():
     assert found.stdout.strip() == "[]"
 
 
+def test_shards_run_outside_a_flow_without_importing_prefect(tmp_path):
+    """A stage run from a script (or a benchmark's fresh process) maps its shards without a flow: asking
+    whether one is in progress must not import Prefect (~1.5 s a process) when nothing has."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from tests.test_shardmap import jobs, scope, write_job; "
+        "from tasks.shardmap import map_shards; "
+        f"root = Path({str(tmp_path)!r}); "
+        "out = map_shards(scope(root), 'clean', write_job, jobs(root / 'out', root / 'calls'), 1); "
+        "print([r['value'] for r in out], sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[1, 2, 3] []"
+
+
 def dying_job(out: str, calls: str, value: int) -> dict:
     """Writes half its files, then its process dies (the OOM killer, a kill -9) the first time for value 2."""
     marker = Path(calls) / f"died-{value}"
