@@ -219,26 +219,43 @@ def overrides_dict(overrides: BaseModel | dict[str, Any] | None) -> dict[str, An
         return {}
     if not isinstance(overrides, BaseModel):
         overrides = PipelineOverrides.model_validate(overrides)
-    return _without_empty(overrides.model_dump(mode="json", exclude_none=True))
+    return _without_empty(overrides.model_dump(mode="json", exclude_none=True), type(overrides))
 
 
-def _without_empty(values: dict[str, Any]) -> dict[str, Any]:
-    """Nested settings none of whose fields is set are not set either (an empty sub-form changes nothing)."""
+def _nested_model(model: type[BaseModel] | None, key: str) -> type[BaseModel] | None:
+    """The settings model of `model`'s field `key` when that field is a nested group of settings (optional
+    or not); None for a value, a list or a map (such as evaluate's promotion guards)."""
+    info = model.model_fields.get(key) if model is not None else None
+    if info is None:
+        return None
+    annotation = info.annotation
+    members = get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)
+    return next((arg for arg in members if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+
+
+def _without_empty(values: dict[str, Any], model: type[BaseModel]) -> dict[str, Any]:
+    """Nested settings none of whose fields is set are not set either (an empty sub-form changes nothing);
+    a map set empty stays set: `guards: {}` means no guards."""
     kept = {}
     for key, value in values.items():
-        if isinstance(value, dict):
-            value = _without_empty(value)
+        nested = _nested_model(model, key)
+        if isinstance(value, dict) and nested is not None:
+            value = _without_empty(value, nested)
             if not value:
                 continue
         kept[key] = value
     return kept
 
 
-def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any], model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """`overlay` laid over `base`, group by group. With the settings `model` they follow, a map (such as
+    evaluate's promotion guards) is replaced whole, as a list or a value is, so that a file can drop a
+    default entry; without it, every dict is merged."""
     merged = dict(base)
     for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
+        nested = _nested_model(model, key)
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and (model is None or nested is not None):
+            merged[key] = deep_merge(merged[key], value, nested)
         else:
             merged[key] = value
     return merged
@@ -249,7 +266,7 @@ def preset_config(preset: str, overrides: BaseModel | dict[str, Any] | None = No
     made, for a settings file and for the flow's `config` parameter alike."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return PipelineConfig.model_validate(deep_merge(PRESETS[preset], overrides_dict(overrides)))
+    return PipelineConfig.model_validate(deep_merge(PRESETS[preset], overrides_dict(overrides), PipelineConfig))
 
 
 class _SettingsLoader(yaml.SafeLoader):

@@ -111,3 +111,16 @@ def test_overrides_keep_the_preset_where_they_are_empty():
     assert field["description"] and field["anyOf"][0]["minimum"] == 1
     with pytest.raises(ValidationError):
         PipelineOverrides.model_validate({"pretrain": {"max_steps": 0}})
+
+
+def test_a_map_in_a_settings_file_replaces_the_presets_whole(tmp_path):
+    default = preset_config("tiny").evaluate.promotion.guards
+    assert default  # the preset guards the gate, so that clearing it is visible
+    path = tmp_path / "settings.yaml"
+    path.write_text("evaluate:\n  promotion:\n    guards: {}\n")
+    assert load_config("tiny", path).evaluate.promotion.guards == {}
+    path.write_text("evaluate:\n  promotion:\n    guards:\n      heldout_loss: 0.1\n")
+    assert load_config("tiny", path).evaluate.promotion.guards == {"heldout_loss": 0.1}
+    # Through the UI's form too; a promotion sub-form left empty keeps the preset's guards.
+    assert preset_config("tiny", {"evaluate": {"promotion": {"guards": {}}}}).evaluate.promotion.guards == {}
+    assert preset_config("tiny", {"evaluate": {"promotion": {"metric": None}}}).evaluate.promotion.guards == default
