@@ -129,8 +129,10 @@ def start(
         write_state(storage, state)
         _wait_until_healthy(url, server, folder / "server.log", settings.startup_timeout_s)
 
-        register(storage, url, settings, nightly)
+        kept_paused = register(storage, url, settings, nightly)
         report(f"registered the deployments pipeline and nightly-retrain to the work pool {settings.pool}")
+        for name in kept_paused:
+            report(f"{name} stays paused, as it was left: resume it in the UI (or prefect deployment resume)")
         worker_command = [*prefect, "worker", "start", "--pool", settings.pool, "--type", "process"]
         worker = _launch("worker", worker_command, _client_env(url, settings), folder)
         state["processes"].append(worker)
@@ -143,8 +145,10 @@ def start(
     return state
 
 
-def register(storage: str | Path, url: str, settings: ServerSettings, nightly: NightlySchedule | None) -> None:
-    """Create the process work pool (if missing) and register both deployments to it."""
+def register(storage: str | Path, url: str, settings: ServerSettings, nightly: NightlySchedule | None) -> list[str]:
+    """Create the process work pool (if missing) and register both deployments to it. A deployment that
+    someone paused (in the UI, say) stays paused: registering again must not restart a schedule that was
+    stopped on purpose. Returns the names of those kept paused."""
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import temporary_settings
 
@@ -168,8 +172,19 @@ def register(storage: str | Path, url: str, settings: ServerSettings, nightly: N
                     f"work pool {settings.pool!r} on {url} is of type {pool.type!r}, not process: the deployments "
                     f"need a process pool (prefect work-pool delete {settings.pool})"
                 )
-        for deployment in build_deployments(str(storage), nightly, work_pool=settings.pool):
+            deployments = build_deployments(str(storage), nightly, work_pool=settings.pool)
+            kept_paused = []
+            for deployment in deployments:
+                try:
+                    existing = client.read_deployment_by_name(f"{deployment.flow_name}/{deployment.name}")
+                except ObjectNotFound:
+                    continue
+                if existing.paused:
+                    deployment.paused = True
+                    kept_paused.append(deployment.name)
+        for deployment in deployments:
             deployment.apply()
+    return kept_paused
 
 
 def stop(storage: str | Path, settings: ServerSettings | None = None) -> list[str]:

@@ -326,6 +326,25 @@ def test_with_auth_anonymous_calls_are_refused_and_the_worker_still_runs_flows(g
 
 
 @pytest.mark.slow
+def test_registering_again_keeps_a_deployment_paused_in_the_ui_paused(prefect_server):
+    from flows.deploy import NightlySchedule
+
+    nightly = NightlySchedule(cron=f"0 {hour_far_from_now(ZONE)} * * *", timezone=ZONE)
+    settings = server.ServerSettings()
+    deployment_id = prefect_server.deployment("nightly-retrain")["id"]
+    prefect_server.call(f"/deployments/{deployment_id}/pause_deployment", {})
+    try:
+        # What `gptflow server start` does on a store whose server ran before.
+        assert server.register(prefect_server.store, prefect_server.api_url, settings, nightly) == ["nightly-retrain"]
+        assert prefect_server.deployment("nightly-retrain")["paused"] is True
+        assert prefect_server.deployment("pipeline")["paused"] is False
+    finally:
+        prefect_server.call(f"/deployments/{deployment_id}/resume_deployment", {})
+    assert server.register(prefect_server.store, prefect_server.api_url, settings, nightly) == []
+    assert prefect_server.deployment("nightly-retrain")["paused"] is False
+
+
+@pytest.mark.slow
 def test_stop_cancels_the_runs_in_flight_and_leaves_none_of_the_processes_alive(guarded_server, corpus, tmp_path):
     parameters = {"storage": str(tmp_path / "store"), "sources": [str(corpus)]}  # the whole pipeline: minutes
     run_id = guarded_server.trigger("pipeline", parameters)
