@@ -2,6 +2,7 @@
 
     python benchmarks/clean_bench.py                       # default and web filters, 1 and 2 workers
     python benchmarks/clean_bench.py --code /path/to/other/checkout   # the same, on another checkout's code
+    python benchmarks/clean_bench.py --against /path/to/old/checkout --repeat 3   # before and after, in turn
     python benchmarks/clean_bench.py --mb 48 --workers 1 2 4
     python benchmarks/clean_bench.py --language            # detectors: accuracy and speed
 
@@ -10,10 +11,12 @@ holding an extract version of the embedded corpus (English prose from Python's d
 `--mb` MB, with one document in twenty replaced by a paragraph of another language, in shards of 2,000
 documents. The time covers the whole stage (reading, normalising, filtering, writing, publishing) and the
 start of its worker processes; MB/cpu-s divides by the CPU time of the stage's processes instead, which
-does not move with whatever else shares the cores. `--code` points the child processes at another checkout
-(an older commit,
-say), so that two versions of the stage are measured on the same input and cores: a "before" and "after".
-Configurations the checkout does not know (the language filter's fields) are left out for it.
+moves far less with whatever else shares the cores (a tenth or so, where wall time can halve). `--code`
+points the child processes at another checkout (an older commit, say), so that two versions of the stage
+are measured on the same input and cores: a "before" and "after". `--against` measures that other checkout
+in turn with this one (or with --code), one process each, alternating, and prints the ratio of the two;
+`--repeat N` measures every setting N times and keeps the fastest of each (on shared cores, the run least
+disturbed). Configurations a checkout does not know (the language filter's fields) are left out for it.
 
 --language: for each detector installed (pycld2, py3langid, lingua-language-detector), how often it names
 the right language on the labelled set below (English documents of the embedded corpus, paragraphs and
@@ -247,26 +250,63 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def measure(code: Path, config: dict, workers: int, megabytes: float) -> dict | None:
+    """One measurement of `code`'s clean stage in a fresh process; None where it has no such setting."""
+    env = {**os.environ, "PYTHONPATH": str(code), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    settings = json.dumps({"config": config, "workers": workers, "mb": megabytes})
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", settings], env=env, capture_output=True, text=True, check=True
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return None if result.get("skipped") else result
+
+
 def throughput(args: argparse.Namespace) -> None:
     code = Path(args.code).resolve() if args.code else ROOT
-    env = {**os.environ, "PYTHONPATH": str(code), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
-    print(f"clean stage on {code}: {args.mb:g} MB of the embedded corpus, shards of {SHARD_DOCS} documents")
-    print(f"{'filters':30} {'workers':>7} {'MB/s':>7} {'docs/s':>8} {'MB/cpu-s':>8} {'kept':>7}  removed")
+    codes = [code] + ([Path(args.against).resolve()] if args.against else [])
+    for i, each in enumerate(codes):
+        label = f" [{'ab'[i]}]" if args.against else ""
+        print(f"clean stage{label} on {each}")
+    repeat = f", fastest of {args.repeat} runs" if args.repeat > 1 else ""
+    print(f"{args.mb:g} MB of the embedded corpus, shards of {SHARD_DOCS} documents{repeat}")
+    column = "code " if args.against else ""
+    print(f"{'filters':30} {'workers':>7} {column}{'MB/s':>7} {'docs/s':>8} {'MB/cpu-s':>8} {'kept':>7}  removed")
     for name, config in CONFIGS.items():
         for workers in args.workers:
-            settings = json.dumps({"config": config, "workers": workers, "mb": args.mb})
-            done = subprocess.run(
-                [sys.executable, __file__, "--child", settings], env=env, capture_output=True, text=True, check=True
-            )
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            if result.get("skipped"):
-                print(f"{name:30} {workers:>7}   (this checkout has no such setting)")
-                continue
-            mbps = result["bytes"] / result["seconds"] / 1e6
-            docs = result["docs"] / result["seconds"]
-            removed = result["removed_by_reason"]
-            per_cpu = result["bytes"] / result["cpu"] / 1e6
-            print(f"{name:30} {workers:>7} {mbps:>7.1f} {docs:>8.0f} {per_cpu:>8.1f} {result['kept']:>7}  {removed}")
+            best: list[dict | None] = [None] * len(codes)
+            for _ in range(args.repeat):
+                for i, each in enumerate(codes):  # in turn, so that a busy spell slows both alike
+                    result = measure(each, config, workers, args.mb)
+                    if result is not None:
+                        best[i] = _faster(best[i], result)
+            for i, result in enumerate(best):
+                label = f"{'ab'[i]:>4} " if args.against else ""
+                if result is None:
+                    print(f"{name:30} {workers:>7} {label}  (this checkout has no such setting)")
+                    continue
+                removed = result["removed_by_reason"]
+                print(
+                    f"{name:30} {workers:>7} {label}{result['mb/s']:>7.1f} {result['docs/s']:>8.0f} "
+                    f"{result['mb/cpu-s']:>8.1f} {result['kept']:>7}  {removed}"
+                )
+            if args.against and None not in best:
+                after, before = best
+                print(
+                    f"{'':30} {'':>7}  a/b {after['mb/s'] / before['mb/s']:>6.2f}x {'':>8} "
+                    f"{after['mb/cpu-s'] / before['mb/cpu-s']:>7.2f}x"
+                )
+
+
+def _faster(kept: dict | None, result: dict) -> dict:
+    """`result` with its rates (MB/s, docs/s, MB/cpu-s), each the better of its own and those `kept` so far."""
+    rates = {
+        "mb/s": result["bytes"] / result["seconds"] / 1e6,
+        "docs/s": result["docs"] / result["seconds"],
+        "mb/cpu-s": result["bytes"] / result["cpu"] / 1e6,
+    }
+    if kept is not None:
+        rates = {key: max(value, kept[key]) for key, value in rates.items()}
+    return {**result, **rates}
 
 
 # -- language detectors ------------------------------------------------------------------------------------
@@ -369,9 +409,13 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=96.0, help="corpus size in MB of text")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--code", help="a checkout whose clean stage to measure (default: this one)")
+    parser.add_argument("--against", help="another checkout to measure in turn with it, and the ratio of the two")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each setting, of which the fastest counts")
     parser.add_argument("--language", action="store_true", help="measure the language detectors instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: measure each setting at least once")
     if args.child:
         child(args)
     elif args.language:

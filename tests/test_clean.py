@@ -30,11 +30,15 @@ from tasks.clean import (
     SymbolWordRatioFilter,
     WordCountFilter,
     build_filters,
+    count_words_together,
+    first_drop,
     first_reason,
     is_bullet_line,
     is_ellipsis_line,
     normalize_text,
+    words_counted,
 )
+from tasks.language import LanguageFilter, detect_language
 from tasks.sample_data import default_corpus_documents
 from tasks.shards import read_batches
 
@@ -312,6 +316,11 @@ def test_first_failing_filter_names_the_reason():
     assert first_reason(PROSE, filters) is None
     assert first_reason(PROSE + " lorem ipsum", filters) == "lorem_ipsum"
     assert first_reason("\ufffd" * 10 + " " + PROSE, filters) == "invalid_utf8"
+    # Where it stopped: the stage tells from it whether the language filter had looked at the document.
+    lorem = next(i for i, f in enumerate(filters) if getattr(f, "reason", None) == "lorem_ipsum")
+    assert first_drop(PROSE + " lorem ipsum", filters) == (lorem, "lorem_ipsum")
+    assert first_drop("", filters) == (1, "too_short")
+    assert first_drop(PROSE, filters) == (len(filters), None)
 
 
 def test_defaults_keep_documentation_but_web_preset_is_stricter():
@@ -522,6 +531,9 @@ def _ref_decide(f, text):
             return None
         share = sum(1 for line in lines if line.endswith((".", "!", "?", '"', "'"))) / len(lines)
         return "line_punct_frac" if share < f.min_fraction else None
+    if isinstance(f, LanguageFilter):  # on the detector's answer, whatever that is
+        found = detect_language(text, f.sample_chars)
+        return None if found.language in f.languages and found.score >= f.min_score else "language"
     raise TypeError(f)
 
 
@@ -651,9 +663,69 @@ def varied_corpus():
     return docs + fuzz + [normalize_text(text) for text in fuzz]
 
 
+# ASCII text on either side of each condition that lets normalize_text only strip its ends.
+_NORMALIZE_EDGES = [
+    "  plain text, two lines\nand no blank at a line's end \t ",
+    "a blank ends \nthis line",
+    "a tab ends\t\nthis line",
+    "a blank line of blanks\n \t\nbetween",
+    "two newlines\n\nkept",
+    "three newlines\n\n\ncollapse",
+    "many newlines" + "\n" * 20 + "collapse",
+    "\n\n\nleading newlines and trailing ones\n\n\n",
+    "a control\x07 character",
+    "a form feed\x0cbreaks a line",
+    "a carriage return\r\nand a lone\rone",
+    "a unit separator\x1fis a blank",
+    "DEL\x7f goes",
+    "\tindented\n\ttwice",
+]
+
+
 def test_normalize_gives_the_text_the_plain_version_gave(varied_corpus):
-    for text in varied_corpus + _fuzz_texts(400, seed=1):
+    for text in varied_corpus + _fuzz_texts(400, seed=1) + _NORMALIZE_EDGES:
         assert normalize_text(text) == _ref_normalize(text), repr(text)
+
+
+def _ref_word_counts(text):
+    raw = text.split()
+    return (
+        len(raw),
+        len(_ref_words(text)),
+        sum(1 for word in raw if any(ch.isalpha() for ch in word)),
+        sum(1 for word in raw for ch in word if ch not in _REF_PUNCTUATION),
+        sum(1 for word in raw for ch in word if ch in _REF_PUNCTUATION),
+    )
+
+
+def test_words_counted_together_are_each_texts_own(varied_corpus):
+    edges = ["", " ", "\n\n", "word", " lead", "trail ", "...", "( )", "2 + 2", "a\U0001f600b \U0001d400x", "中文 ²½"]
+    texts = varied_corpus + edges
+    assert count_words_together(texts) == [_ref_word_counts(text) for text in texts]
+    assert count_words_together(edges[::-1]) == [_ref_word_counts(text) for text in edges[::-1]]
+    assert count_words_together([]) == []
+
+
+def test_filters_decide_on_the_words_counted_together(varied_corpus):
+    """Within words_counted the filters read the counts made together, in runs of texts (one of them with a
+    text far longer than a run), and decide as the plain version does."""
+    texts = varied_corpus + [("lorem ipsum " * 60_000).strip()] + varied_corpus[:50]
+    filters = [WordCountFilter(20, 100_000), MeanWordLengthFilter(3, 10)]
+    filters += [SymbolWordRatioFilter(0.1), AlphaWordsFilter(0.8), AlphaWordsFilter(0.4)]
+    reasons = Counter()
+    with words_counted(texts):
+        for text in texts:
+            for f in filters:
+                reasons[reason := f.decide(text)] += 1
+                assert reason == _ref_decide(f, text), (type(f).__name__, repr(text[:200]))
+    assert reasons.keys() == {
+        None,
+        "too_short",
+        "too_long",
+        "mean_word_length",
+        "symbol_word_ratio",
+        "alpha_words_frac",
+    }
 
 
 @pytest.mark.slow  # ~140 filters on ~2,400 texts, through the reference too
@@ -676,12 +748,26 @@ def test_every_filter_decides_as_the_plain_version_at_every_threshold(varied_cor
 # -- the stage's files: the same bytes as before, and cached per shard -------------------------------------
 
 
+def _ref_judge(text, filters):
+    """(reason, the detection of the language filter when the document reached it)."""
+    found = None
+    for f in filters:
+        if isinstance(f, LanguageFilter):
+            found = detect_language(text, f.sample_chars)
+        if reason := _ref_decide(f, text):
+            return reason, found
+    return None, found
+
+
 def _ref_clean_shard(src, docs_out, removed_out, cfg):
-    """The stage's shard cleaning as first written, on the reference normalisation and decisions."""
+    """The stage's shard cleaning as first written, on the reference normalisation and decisions, with the
+    language filter's columns as that filter came with them."""
     filters = build_filters(cfg)
     schema = pq.read_schema(src)
     if "n_bytes" not in schema.names:
         schema = schema.append(pa.field("n_bytes", pa.int64()))
+    if cfg.languages:
+        schema = schema.append(pa.field("language", pa.string())).append(pa.field("language_score", pa.float64()))
     removed_schema = schema.append(pa.field("reason", pa.string()))
     with (
         pq.ParquetWriter(docs_out, schema, compression="zstd") as kept_writer,
@@ -690,10 +776,16 @@ def _ref_clean_shard(src, docs_out, removed_out, cfg):
         for batch in read_batches(src):
             table = pa.Table.from_batches([batch])
             cleaned = [_ref_normalize(text or "") for text in table.column("text").to_pylist()]
-            verdicts = [next((r for f in filters if (r := _ref_decide(f, text))), None) for text in cleaned]
+            judged = [_ref_judge(text, filters) for text in cleaned]
+            verdicts = [reason for reason, _ in judged]
             sizes = [len(text.encode("utf-8")) for text in cleaned]
             table = table.set_column(table.column_names.index("text"), "text", pa.array(cleaned, type=pa.string()))
             table = table.set_column(table.column_names.index("n_bytes"), "n_bytes", pa.array(sizes, pa.int64()))
+            if cfg.languages:
+                codes = [None if found is None else found.language for _, found in judged]
+                scores = [None if found is None else found.score for _, found in judged]
+                table = table.append_column("language", pa.array(codes, pa.string()))
+                table = table.append_column("language_score", pa.array(scores, pa.float64()))
             keep = [i for i, reason in enumerate(verdicts) if reason is None]
             drop = [i for i, reason in enumerate(verdicts) if reason is not None]
             kept_writer.write_table(table.take(pa.array(keep, pa.int64())).cast(schema))
@@ -703,18 +795,34 @@ def _ref_clean_shard(src, docs_out, removed_out, cfg):
             removed_writer.write_table(dropped.cast(removed_schema))
 
 
+FRENCH = (  # longer than the web preset's 50 words
+    "La bibliothèque municipale ouvre ses portes à neuf heures tous les jours sauf le dimanche. Les lecteurs "
+    "peuvent emprunter jusqu'à cinq livres pour une durée de trois semaines, et les prolonger une fois en ligne "
+    "ou au guichet. Une salle de lecture silencieuse se trouve au premier étage, à côté des journaux et des "
+    "revues que l'on peut consulter sur place sans inscription."
+)
+GERMAN = (
+    "Die Stadtbibliothek ist montags bis samstags von neun bis achtzehn Uhr geöffnet. Leser dürfen bis zu fünf "
+    "Bücher für drei Wochen ausleihen und die Leihfrist einmal verlängern, entweder im Internet oder an der "
+    "Theke. Im ersten Stock gibt es einen ruhigen Lesesaal, in dem man Zeitungen und Zeitschriften ohne "
+    "Anmeldung lesen kann, solange man sie danach wieder an ihren Platz legt."
+)
+
+
 def _varied_shards():
     docs = [(f"doc-{i}", text) for i, (_, text) in enumerate(default_corpus_documents()[:300])]
     docs += [(f"fuzz-{i}", text) for i, text in enumerate(_fuzz_texts(100, seed=2))]
     docs += [("spam", "#buy #cheap #pills " * 30), ("dup", "same line\n" * 20), ("lorem", PROSE + " Lorem ipsum.")]
+    docs += [("fr", FRENCH), ("de", GERMAN), ("mixed", PROSE + "\n\n" + FRENCH), ("fr-short", "Bonjour à tous.")]
     random.Random(3).shuffle(docs)
     return [docs[i : i + 150] for i in range(0, len(docs), 150)]
 
 
 @pytest.mark.parametrize("preset", ["default", "web"])
-def test_the_stage_writes_the_bytes_the_plain_version_wrote(tmp_path, preset):
+@pytest.mark.parametrize("languages", [[], ["en"]], ids=["no-language-filter", "language-filter"])
+def test_the_stage_writes_the_bytes_the_plain_version_wrote(tmp_path, preset, languages):
     root = tmp_path / "store"
-    cfg = (CleanConfig.web if preset == "web" else CleanConfig)(languages=[])  # the filters there were
+    cfg = (CleanConfig.web if preset == "web" else CleanConfig)(languages=languages)
     extract = publish_extract(root, _varied_shards())
     folder = Store(root).path("clean", STAGE.run(root, cfg, {"extract": extract}).version)
     shards = sorted((Store(root).path("extract", extract) / "docs").glob("*.parquet"))
@@ -724,7 +832,12 @@ def test_the_stage_writes_the_bytes_the_plain_version_wrote(tmp_path, preset):
         _ref_clean_shard(src, tmp_path / "ref" / "docs.parquet", tmp_path / "ref" / "removed.parquet", cfg)
         assert (folder / "docs" / src.name).read_bytes() == (tmp_path / "ref" / "docs.parquet").read_bytes()
         assert (folder / "removed" / src.name).read_bytes() == (tmp_path / "ref" / "removed.parquet").read_bytes()
-    assert pq.read_table(folder / "removed").num_rows > 50  # the filters did remove documents
+    removed = {row["doc_id"]: row for row in pq.read_table(folder / "removed").to_pylist()}
+    assert len(removed) > 50  # the filters did remove documents
+    if languages:  # the language filter too; the documents it looked at carry what it found, kept or not
+        found = {doc_id: (removed[doc_id]["reason"], removed[doc_id]["language"]) for doc_id in ("fr", "lorem")}
+        assert found == {"fr": ("language", "fr"), "lorem": ("lorem_ipsum", "en")}
+        assert removed["fr-short"]["language"] is None  # too short: dropped before the language filter
 
 
 def _shard_entries(root):

@@ -55,6 +55,14 @@ def test_english_kept_french_and_german_removed_for_their_language_with_the_dete
     assert metrics["removed_by_reason"] == {"language": 2, "too_short": 1}
 
 
+def test_a_document_a_later_filter_drops_still_carries_the_language_found(tmp_path):
+    store, ref = run_clean(tmp_path, [[("lorem", ENGLISH + " Lorem ipsum dolor sit amet."), ("fr", FRENCH)]])
+    removed = {row["doc_id"]: row for row in rows(store, ref, "removed")}
+    assert (removed["lorem"]["reason"], removed["lorem"]["language"]) == ("lorem_ipsum", "en")
+    assert removed["lorem"]["language_score"] >= 0.9
+    assert (removed["fr"]["reason"], removed["fr"]["language"]) == ("language", "fr")
+
+
 def test_every_language_listed_is_kept(tmp_path):
     cfg = CleanConfig(languages=["en", "fr"], min_stop_words=0)  # the stop words counted are English ones
     store, ref = run_clean(tmp_path, [[("en", ENGLISH), ("fr", FRENCH), ("de", GERMAN)]], cfg)
