@@ -54,7 +54,9 @@ class Server:
         """One API call as the UI makes it (JSON; with the basic-auth header when the server has one).
 
         A 503 is retried, as Prefect's own client does: the server answers so when SQLite is busy with
-        another writer (the worker, a run's logs), and the request's transaction was rolled back.
+        another writer (the worker, a run's logs), and the request's transaction was rolled back. A read that
+        times out is retried too (only a read: it changes nothing): on 2 busy cores the server has been seen
+        to hold a request past 30 s while a run's process wrote to it.
         """
         headers = {"Content-Type": "application/json"}
         if auth and self.auth:
@@ -63,11 +65,14 @@ class Server:
         for attempt in range(6):
             request = urllib.request.Request(f"{self.api_url}{path}", data=data, headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=30) as response:
+                with urllib.request.urlopen(request, timeout=60) as response:
                     raw = response.read()
                 return json.loads(raw) if raw else None
             except urllib.error.HTTPError as error:
                 if error.code != 503 or attempt == 5:
+                    raise
+            except TimeoutError:
+                if data is not None or attempt == 5:
                     raise
             time.sleep(0.5 * 2**attempt)
 
