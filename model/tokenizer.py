@@ -13,7 +13,7 @@ Both end every document with the special `<|endoftext|>` token. Text that merely
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -110,13 +110,11 @@ class BPETokenizer(Tokenizer):
         self._backend = backend
         self._backend.encode_special_tokens = True  # "<|endoftext|>" inside a document is just text
         self._eot_id = eot_id
-        self._fast: tiktoken.Encoding | None | bool = False  # False: not looked for yet
 
-    def _fast_encoder(self) -> "tiktoken.Encoding | None":
+    @cached_property
+    def _fast(self) -> "tiktoken.Encoding | None":
         """tiktoken's encoder for this vocabulary, where it gives the same ids (model/fast_bpe.py)."""
-        if self._fast is False:
-            self._fast = _fast_encoder_of(self._backend.to_str())
-        return self._fast
+        return _fast_encoder_of(self._backend.to_str())
 
     @property
     def vocab_size(self) -> int:
@@ -127,13 +125,13 @@ class BPETokenizer(Tokenizer):
         return self._eot_id
 
     def encode(self, text: str) -> list[int]:
-        fast = self._fast_encoder()
+        fast = self._fast
         if fast is not None:
             return fast.encode_ordinary(text)
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        fast = self._fast_encoder()
+        fast = self._fast
         if fast is not None:
             return fast_encode_batch(fast, texts)
         # The library encodes a batch on all cores.

@@ -72,7 +72,7 @@ def _spec_with(trained: Tokenizer, extra: dict[str, int], merges: list[list[str]
     return spec
 
 
-def test_a_vocabulary_where_rank_order_changes_the_result_is_left_to_the_library(trained):
+def test_a_vocabulary_where_rank_order_changes_the_result_is_left_to_the_library(trained, tmp_path):
     # "abc" is made from (a, bc), but "ab" ranks before "bc": the library ends "abc" as [ab, c] (no merge
     # joins ab and c), rank-based BPE would join ab and c into abc all the same.
     spec = _spec_with(trained, {"ab": 257, "bc": 258, "abc": 259}, [["a", "b"], ["b", "c"], ["a", "bc"]])
@@ -81,6 +81,12 @@ def test_a_vocabulary_where_rank_order_changes_the_result_is_left_to_the_library
     ranks = tiktoken.Encoding("check", pat_str=GPT2_PATTERN, mergeable_ranks=_ranks(spec), special_tokens={})
     assert ranks.encode_ordinary("abc") == [259]  # what the unchecked fast path would give
     assert fast_encoder(spec) is None
+    # So the tokenizer encodes it through the library, and the token files get the library's ids.
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    assert Tokenizer.load(path).encode_batch(["abc", "abc abc"]) == [[257, library.token_to_id("c")]] + [
+        library.encode("abc abc", add_special_tokens=False).ids
+    ]
     # The same tokens made in an order rank-based BPE follows: the fast path is taken.
     assert fast_encoder(_spec_with(trained, {"ab": 257, "bc": 258, "abc": 259}, [["a", "b"], ["b", "c"], ["ab", "c"]]))
 
